@@ -1,0 +1,2 @@
+//! Data sets that flowmap reads.
+pub mod idx;

@@ -1,0 +1,1 @@
+//! flowmap-models: the DiT family conditioned on (t, h, class).

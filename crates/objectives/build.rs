@@ -1,0 +1,3 @@
+fn main() {
+    flowmap_build::link_libtorch();
+}

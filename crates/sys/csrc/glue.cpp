@@ -1,0 +1,133 @@
+// libtorch features that tch 0.24 does not bind. Every function catches C++ exceptions and returns
+// them as a malloc'd message (nullptr on success), so nothing unwinds into Rust.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/forward_grad.h>
+#include <torch/headeronly/version.h>
+
+#include <dlfcn.h>
+#include <string>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+char *copy_message(const char *what) {
+  size_t n = std::strlen(what);
+  char *out = static_cast<char *>(std::malloc(n + 1));
+  if (out) std::memcpy(out, what, n + 1);
+  return out;
+}
+}  // namespace
+
+#define GUARD(...)                                    \
+  try {                                               \
+    __VA_ARGS__;                                      \
+    return nullptr;                                   \
+  } catch (const std::exception &e) {                 \
+    return copy_message(e.what());                    \
+  } catch (...) {                                     \
+    return copy_message("unknown C++ exception");     \
+  }
+
+extern "C" {
+
+void flowmap_free_error(char *msg) { std::free(msg); }
+
+// ---- forward-mode AD levels (torch/csrc/autograd/forward_grad.h) ----
+char *flowmap_fwad_enter(int64_t *level) { GUARD(*level = static_cast<int64_t>(torch::autograd::ForwardADLevel::get_next_idx())) }
+char *flowmap_fwad_exit(int64_t level) { GUARD(torch::autograd::ForwardADLevel::release_idx(static_cast<uint64_t>(level))) }
+
+// ---- scaled-dot-product-attention backends (ATen/Context.h) ----
+// which: 0 flash, 1 memory-efficient, 2 math, 3 cuDNN
+char *flowmap_sdp_set(int which, bool on) {
+  GUARD(auto &ctx = at::globalContext(); switch (which) {
+    case 0: ctx.setSDPUseFlash(on); break;
+    case 1: ctx.setSDPUseMemEfficient(on); break;
+    case 2: ctx.setSDPUseMath(on); break;
+    case 3: ctx.setSDPUseCuDNN(on); break;
+    default: throw std::invalid_argument("unknown SDPA backend index");
+  })
+}
+char *flowmap_sdp_get(int which, bool *on) {
+  GUARD(auto &ctx = at::globalContext(); switch (which) {
+    case 0: *on = ctx.userEnabledFlashSDP(); break;
+    case 1: *on = ctx.userEnabledMemEfficientSDP(); break;
+    case 2: *on = ctx.userEnabledMathSDP(); break;
+    case 3: *on = ctx.userEnabledCuDNNSDP(); break;
+    default: throw std::invalid_argument("unknown SDPA backend index");
+  })
+}
+
+// ---- autocast (ATen/autocast_mode.h); device 0 = CPU, 1 = CUDA ----
+static at::DeviceType autocast_device(int device) {
+  if (device == 0) return at::kCPU;
+  if (device == 1) return at::kCUDA;
+  throw std::invalid_argument("autocast device must be 0 (CPU) or 1 (CUDA)");
+}
+char *flowmap_autocast_set(int device, bool enabled, int dtype) {
+  GUARD(auto dev = autocast_device(device);
+        at::autocast::set_autocast_dtype(dev, static_cast<at::ScalarType>(dtype));
+        at::autocast::set_autocast_enabled(dev, enabled);
+        if (!enabled) at::autocast::clear_cache();)
+}
+char *flowmap_autocast_get(int device, bool *enabled, int *dtype) {
+  GUARD(auto dev = autocast_device(device); *enabled = at::autocast::is_autocast_enabled(dev);
+        *dtype = static_cast<int>(at::autocast::get_autocast_dtype(dev));)
+}
+
+// ---- TF32 and determinism (ATen/Context.h) ----
+char *flowmap_tf32_set(bool on) {
+  GUARD(at::globalContext().setAllowTF32CuBLAS(on); at::globalContext().setAllowTF32CuDNN(on);)
+}
+char *flowmap_tf32_get(bool *on) { GUARD(*on = at::globalContext().allowTF32CuBLAS()) }
+char *flowmap_deterministic_set(bool on, bool warn_only) {
+  GUARD(at::globalContext().setDeterministicAlgorithms(on, warn_only))
+}
+char *flowmap_deterministic_get(bool *on) { GUARD(*on = at::globalContext().deterministicAlgorithms()) }
+
+// ---- libtorch's fused multi-tensor AdamW (at::_fused_adamw_), CUDA only ----
+// params, grads, m, v, steps: arrays of n at::Tensor pointers (tch's C_tensor is at::Tensor).
+char *flowmap_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **m, at::Tensor **v,
+                          at::Tensor **steps, int64_t n, double lr, double beta1, double beta2,
+                          double weight_decay, double eps) {
+  GUARD(std::vector<at::Tensor> p, g, a, b, s; for (int64_t i = 0; i < n; ++i) {
+    p.push_back(*params[i]);
+    g.push_back(*grads[i]);
+    a.push_back(*m[i]);
+    b.push_back(*v[i]);
+    s.push_back(*steps[i]);
+  } at::NoGradGuard no_grad;
+        at::_fused_adamw_(p, g, a, b, {}, s, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                          /*maximize=*/false);)
+}
+
+// ---- build and device facts for `flowmap doctor` ----
+// The libtorch version of the headers this glue was compiled against ("2.11.0").
+char *flowmap_torch_version(char *buf, int len) {
+  GUARD(std::snprintf(buf, len, "%d.%d.%d", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH))
+}
+// The path of the libtorch_cpu.so actually loaded by this process.
+char *flowmap_libtorch_path(char *buf, int len) {
+  GUARD(Dl_info info; void *sym = reinterpret_cast<void *>(&at::globalContext);
+        if (!dladdr(sym, &info) || !info.dli_fname) throw std::runtime_error("dladdr failed");
+        std::snprintf(buf, len, "%s", info.dli_fname);)
+}
+// A CUDA device's name from NVML (the driver's libnvidia-ml.so.1, loaded on demand).
+char *flowmap_cuda_device_name(int index, char *buf, int len) {
+  GUARD(void *nvml = dlopen("libnvidia-ml.so.1", RTLD_LAZY);
+        if (!nvml) throw std::runtime_error("libnvidia-ml.so.1 not found (no NVIDIA driver?)");
+        using init_t = int (*)();
+        using handle_t = int (*)(unsigned, void **);
+        using name_t = int (*)(void *, char *, unsigned);
+        auto init = reinterpret_cast<init_t>(dlsym(nvml, "nvmlInit_v2"));
+        auto by_index = reinterpret_cast<handle_t>(dlsym(nvml, "nvmlDeviceGetHandleByIndex_v2"));
+        auto get_name = reinterpret_cast<name_t>(dlsym(nvml, "nvmlDeviceGetName"));
+        void *dev = nullptr;
+        if (!init || !by_index || !get_name || init() != 0 || by_index(index, &dev) != 0 || get_name(dev, buf, len) != 0)
+          throw std::runtime_error("NVML could not name device " + std::to_string(index));)
+}
+
+}  // extern "C"
