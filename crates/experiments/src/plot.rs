@@ -1,0 +1,1 @@
+//! Plots: FID against the number of sampling steps, and loss curves.
