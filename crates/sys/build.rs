@@ -24,4 +24,5 @@ fn main() {
         .warnings(false)
         .compile("flowmap_glue");
     println!("cargo:rustc-link-lib=dl");
+    flowmap_build::link_libtorch_at(&lib.display().to_string());
 }

@@ -12,6 +12,11 @@ pub fn link_libtorch() {
     println!("cargo:rerun-if-env-changed=DEP_FLOWMAP_SYS_LIBTORCH_LIB");
     let lib = std::env::var("DEP_FLOWMAP_SYS_LIBTORCH_LIB")
         .expect("DEP_FLOWMAP_SYS_LIBTORCH_LIB is not set: this package must depend on flowmap-sys directly");
+    link_libtorch_at(&lib);
+}
+
+/// The same, given the libtorch library directory (used by flowmap-sys itself).
+pub fn link_libtorch_at(lib: &str) {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     let cuda = std::path::Path::new(&lib).join("libtorch_cuda.so");
     if cuda.exists() {

@@ -88,7 +88,7 @@ char *flowmap_deterministic_set(bool on, bool warn_only) {
 }
 char *flowmap_deterministic_get(bool *on) { GUARD(*on = at::globalContext().deterministicAlgorithms()) }
 
-// ---- libtorch's fused multi-tensor AdamW (at::_fused_adamw_), CUDA only ----
+// ---- libtorch's fused multi-tensor AdamW (at::_fused_adamw_), CPU and CUDA ----
 // params, grads, m, v, steps: arrays of n at::Tensor pointers (tch's C_tensor is at::Tensor).
 char *flowmap_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **m, at::Tensor **v,
                           at::Tensor **steps, int64_t n, double lr, double beta1, double beta2,
@@ -100,6 +100,8 @@ char *flowmap_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **
     b.push_back(*v[i]);
     s.push_back(*steps[i]);
   } at::NoGradGuard no_grad;
+        // As torch.optim.AdamW(fused=True) does: the kernel reads the already-incremented step.
+        at::_foreach_add_(s, 1);
         at::_fused_adamw_(p, g, a, b, {}, s, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
                           /*maximize=*/false);)
 }

@@ -264,7 +264,7 @@ pub struct AdamWHyper {
 
 /// libtorch's fused multi-tensor AdamW (`at::_fused_adamw_`): updates `params`, `m`, `v` and
 /// increments `steps` (float scalars, one per parameter) in place, in one kernel launch per group.
-/// libtorch only implements it for CUDA (and MPS) tensors; on CPU it returns an error.
+/// libtorch 2.11 implements it for CPU and CUDA tensors (matches the plain update: tests/glue.rs).
 pub fn fused_adamw(params: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], steps: &[Tensor], hp: AdamWHyper) -> Result<()> {
     let n = params.len();
     if [grads.len(), m.len(), v.len(), steps.len()].iter().any(|&l| l != n) {
