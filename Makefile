@@ -1,0 +1,25 @@
+# flowmap: the README's two commands are `make demo` (main job) and `make test` (the test suite).
+# Both do all set-up on a fresh machine first (venv with torch, data with checksums, build).
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: setup build demo test doctor bundle clean-cache-help
+
+setup:
+	@./scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --workspace --bins
+
+demo: build
+	./target/release/flowmap demo
+
+test: setup
+	$(CARGO) test --release --workspace
+
+doctor: build
+	./target/release/flowmap doctor
+
+# Stripped release binaries + run.sh in dist/bundle (git-ignored), for a GPU machine without network.
+bundle: setup
+	./scripts/bundle.sh
