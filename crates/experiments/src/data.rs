@@ -1,2 +1,3 @@
 //! Data sets that flowmap reads.
 pub mod idx;
+pub mod source;

@@ -10,5 +10,7 @@ pub mod loader;
 pub mod metrics;
 pub mod overrides;
 pub mod plot;
+pub mod progress;
 pub mod rng;
+pub mod run_dir;
 pub mod tensorboard;
