@@ -1,19 +1,54 @@
 //! flowmap-objectives: training objectives, one file per method, and the forward-mode `jvp` they
 //! share. Every objective implements [`Objective`]: it draws its own noise, times and label
 //! dropout from tch's global generator (which the training loop reseeds every step), builds its
-//! targets and returns a scalar loss.
+//! targets and returns a scalar loss. [`ObjectiveConfig`] selects one from TOML (`kind = "..."`).
 use flowmap_core::VelocityField;
+use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+pub mod consistency;
+pub mod ddpm;
+pub mod flow_matching;
 pub mod jvp;
+pub mod label_dropout;
+pub mod live_reflow;
+pub mod mean_flow;
+pub mod progressive;
+pub mod reflow;
+pub mod shortcut;
+pub mod weighting;
+
+pub use consistency::{ConsistencyDistillation, ConsistencyDistillationConfig, ConsistencyTraining, ConsistencyTrainingConfig};
+pub use ddpm::{Ddpm, DdpmObjectiveConfig, DdpmVariance};
+pub use flow_matching::{FlowMatching, FlowMatchingConfig};
 pub use jvp::{jvp, jvp_graph_free};
+pub use label_dropout::{DropRows, LabelDropout};
+pub use live_reflow::{LiveReflow, LiveReflowConfig};
+pub use mean_flow::{JvpMode, MeanFlow, MeanFlowConfig, MeanFlowGuidance, MeanFlowTangent};
+pub use progressive::{ProgressiveConfig, ProgressiveDistillation};
+pub use reflow::{Reflow, ReflowConfig};
+pub use shortcut::{Shortcut, ShortcutConfig, ShortcutPreset};
+pub use weighting::AdaptiveWeighting;
 
 /// A training batch: `x` (B, C, H, W) or (B, D) data in the model's space; `class` (B,) Int64.
-/// Unconditional data sets use the model's null class for every row.
+/// Unconditional data sets use the model's null class for every row. `noise` (shaped like `x`)
+/// is set only for coupled data (reflow's stored (ε, x̂) pairs); objectives draw ε otherwise.
 #[derive(Debug)]
 pub struct Batch {
     pub x: Tensor,
     pub class: Tensor,
+    pub noise: Option<Tensor>,
+}
+
+impl Batch {
+    /// A batch of independent data (no stored noise).
+    pub fn new(x: Tensor, class: Tensor) -> Self {
+        Self { x, class, noise: None }
+    }
+    /// A batch of coupled (noise, sample) pairs.
+    pub fn coupled(x: Tensor, class: Tensor, noise: Tensor) -> Self {
+        Self { x, class, noise: Some(noise) }
+    }
 }
 
 /// What an objective may call: the trained net, its EMA copy, and an optional frozen teacher.
@@ -39,5 +74,88 @@ pub trait Objective: Send {
     /// Whether `loss` uses `nets.teacher` (the loop then requires one).
     fn needs_teacher(&self) -> bool {
         false
+    }
+    /// Whether the loop must copy the online weights into the teacher **before** computing the
+    /// loss at `step` (progressive distillation's stage boundaries).
+    fn refresh_teacher_at(&self, step: u64) -> bool {
+        let _ = step;
+        false
+    }
+    /// Rejects batch sizes that silently change the method (Shortcut: fewer bootstrap rows than
+    /// levels, shortcut-models issue #11). The loop calls it once with its per-step batch size
+    /// (per micro-batch when it accumulates).
+    fn check_batch_size(&self, batch_size: i64) -> anyhow::Result<()> {
+        anyhow::ensure!(batch_size >= 1, "batch size must be positive, got {batch_size}");
+        Ok(())
+    }
+}
+
+/// Which network evaluates a self-generated target (always under no_grad).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetNet {
+    /// The EMA copy θ̄ (consistency models; Shortcut code `bootstrap_ema = 1`).
+    #[default]
+    Ema,
+    /// The current weights θ with a stop-gradient.
+    Online,
+}
+
+impl TargetNet {
+    pub fn pick<'a>(self, nets: Nets<'a>) -> &'a dyn VelocityField {
+        match self {
+            TargetNet::Ema => nets.ema,
+            TargetNet::Online => nets.online,
+        }
+    }
+}
+
+/// Classifier-free guidance inside a target: F(∅) + scale·(F(c) − F(∅)), both halves in one pass
+/// of 2B rows (as `flowmap_core`'s sampling-time wrapper). Rows whose class is already ∅ get F(∅).
+pub(crate) fn guided_forward(net: &dyn VelocityField, x: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, scale: f64) -> Tensor {
+    let n = x.size()[0];
+    let null = label_dropout::null_classes(n, net.null_class(), x.device());
+    let out = net.forward(&Tensor::cat(&[x, x], 0), &Tensor::cat(&[t, t], 0), &Tensor::cat(&[h, h], 0), &Tensor::cat(&[class, &null], 0));
+    let parts = out.chunk(2, 0);
+    &parts[1] + (&parts[0] - &parts[1]) * scale
+}
+
+/// Every objective, selected in TOML by `kind`; each variant's table holds that method's
+/// hyperparameters (defaults in the config structs' field comments).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ObjectiveConfig {
+    FlowMatching(FlowMatchingConfig),
+    Ddpm(DdpmObjectiveConfig),
+    ConsistencyTraining(ConsistencyTrainingConfig),
+    ConsistencyDistillation(ConsistencyDistillationConfig),
+    ProgressiveDistillation(ProgressiveConfig),
+    Reflow(ReflowConfig),
+    LiveReflow(LiveReflowConfig),
+    Shortcut(ShortcutConfig),
+    MeanFlow(MeanFlowConfig),
+}
+
+impl ObjectiveConfig {
+    /// Validates and builds the objective.
+    pub fn build(&self) -> anyhow::Result<Box<dyn Objective>> {
+        Ok(match self {
+            Self::FlowMatching(c) => Box::new(c.build()?),
+            Self::Ddpm(c) => Box::new(c.build()?),
+            Self::ConsistencyTraining(c) => Box::new(c.build()?),
+            Self::ConsistencyDistillation(c) => Box::new(c.build()?),
+            Self::ProgressiveDistillation(c) => Box::new(c.build()?),
+            Self::Reflow(c) => Box::new(Reflow::from_config(c)?),
+            Self::LiveReflow(c) => Box::new(c.build()?),
+            Self::Shortcut(c) => Box::new(c.build()?),
+            Self::MeanFlow(c) => Box::new(c.build()?),
+        })
+    }
+
+    /// [`Self::build`] plus the objective's batch-size check (Shortcut's rows per level).
+    pub fn build_for_batch(&self, batch_size: i64) -> anyhow::Result<Box<dyn Objective>> {
+        let objective = self.build()?;
+        objective.check_batch_size(batch_size)?;
+        Ok(objective)
     }
 }

@@ -1,0 +1,151 @@
+//! Live reflow, a baseline of the Shortcut paper (Frans et al., arXiv 2410.12557, Table 1;
+//! shortcut-models `baselines/targets_livereflow.py`). A `reflow_fraction` of each batch trains on
+//! couplings (ε, x_gen) produced on the fly by the current model (an Euler rollout of
+//! `rollout_steps` steps), with h = 1; the other rows are flow matching. Loss: the plain mean of
+//! (F − target)² over all rows. Time: the code runs from noise at t_s = 0 to data at t_s = 1 and
+//! integrates x += v/8; here t = 1 − t_s, F = −s, and the rollout walks t from 1 down to 0.
+use crate::flow_matching::flow_matching_error;
+use crate::label_dropout::LabelDropout;
+use crate::{guided_forward, Batch, Loss, Nets, Objective};
+use flowmap_core::{Interpolant, InterpolantConfig, NoParams, TimeSampler, TimeSamplerConfig, VelocityField};
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+/// shortcut-models `bootstrap_every = 8`: one row in eight is a reflow row.
+pub const LIVE_REFLOW_FRACTION: f64 = 0.125;
+/// `targets_livereflow.py`: `for _ in range(8)`.
+pub const LIVE_REFLOW_ROLLOUT_STEPS: i64 = 8;
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LiveReflowConfig {
+    pub path: InterpolantConfig,       // default linear
+    pub times: TimeSamplerConfig,      // for both kinds of rows; default uniform (code: discrete_uniform, 128 bins)
+    pub reflow_fraction: f64,          // share of rows with generated couplings; default 0.125 (code)
+    pub rollout_steps: i64,            // Euler steps of the rollout; default 8 (code)
+    pub rollout_cfg_scale: Option<f64>, // CFG scale of the rollout with the rows' labels; default none = unconditional rollout (code with cfg_scale 0)
+    pub flow_h: f64,                   // h on flow rows and inside the rollout; default 0 (code: 1/128)
+    pub reflow_h: f64,                 // h on reflow rows; default 1 (code: level 0)
+    pub label_dropout: f64,            // on flow rows only (reflow rows keep labels, as in the code); default 0.1
+}
+
+impl Default for LiveReflowConfig {
+    fn default() -> Self {
+        Self {
+            path: InterpolantConfig::Linear(NoParams {}),
+            times: TimeSamplerConfig::default(),
+            reflow_fraction: LIVE_REFLOW_FRACTION,
+            rollout_steps: LIVE_REFLOW_ROLLOUT_STEPS,
+            rollout_cfg_scale: None,
+            flow_h: 0.0,
+            reflow_h: 1.0,
+            label_dropout: 0.1,
+        }
+    }
+}
+
+impl LiveReflowConfig {
+    pub fn build(&self) -> anyhow::Result<LiveReflow> {
+        self.path.validate()?;
+        self.times.validate()?;
+        anyhow::ensure!((0.0..=1.0).contains(&self.reflow_fraction), "reflow_fraction must be in [0, 1], got {}", self.reflow_fraction);
+        anyhow::ensure!(self.rollout_steps >= 1, "rollout_steps must be >= 1, got {}", self.rollout_steps);
+        anyhow::ensure!((0.0..=1.0).contains(&self.flow_h) && (0.0..=1.0).contains(&self.reflow_h), "flow_h and reflow_h must be in [0, 1]");
+        let dropout = LabelDropout::new(self.label_dropout);
+        dropout.validate()?;
+        Ok(LiveReflow {
+            path: self.path.build(),
+            times: self.times.build(),
+            reflow_fraction: self.reflow_fraction,
+            rollout_steps: self.rollout_steps,
+            rollout_cfg_scale: self.rollout_cfg_scale,
+            flow_h: self.flow_h,
+            reflow_h: self.reflow_h,
+            dropout,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct LiveReflow {
+    pub path: Box<dyn Interpolant>,
+    pub times: Box<dyn TimeSampler>,
+    pub reflow_fraction: f64,
+    pub rollout_steps: i64,
+    pub rollout_cfg_scale: Option<f64>,
+    pub flow_h: f64,
+    pub reflow_h: f64,
+    pub dropout: LabelDropout,
+}
+
+impl LiveReflow {
+    /// Reflow rows in a batch of n: ⌊n·reflow_fraction⌋ (`batch_size // bootstrap_every`).
+    pub fn reflow_rows(&self, n: i64) -> i64 {
+        (n as f64 * self.reflow_fraction).floor() as i64
+    }
+
+    /// Euler rollout of `net` from noise `eps` at t = 1 to t = 0, no_grad: x ← x − (1/N)·F(x, t_i, flow_h, c).
+    fn rollout(&self, net: &dyn VelocityField, eps: &Tensor, class: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let n = eps.size()[0];
+            let rollout_class = match self.rollout_cfg_scale {
+                Some(_) => class.shallow_clone(),
+                None => class.full_like(net.null_class()),
+            };
+            let step = 1.0 / self.rollout_steps as f64;
+            let mut x = eps.shallow_clone();
+            for i in 0..self.rollout_steps {
+                let t = Tensor::full([n], 1.0 - i as f64 * step, (eps.kind(), eps.device()));
+                let h = t.full_like(self.flow_h);
+                let u = match self.rollout_cfg_scale {
+                    Some(scale) => guided_forward(net, &x, &t, &h, &rollout_class, scale),
+                    None => net.forward(&x, &t, &h, &rollout_class),
+                };
+                x = x - u * step;
+            }
+            x
+        })
+    }
+}
+
+impl Objective for LiveReflow {
+    fn loss(&self, nets: Nets<'_>, batch: &Batch, _step: u64) -> Loss {
+        let x = &batch.x;
+        let (b, device) = (x.size()[0], x.device());
+        let b_r = self.reflow_rows(b);
+        let eps = x.randn_like();
+        let t = self.times.sample(b, device).to_kind(x.kind());
+        let net = nets.online;
+
+        // Flow rows: b_r..b, with label dropout.
+        let flow_class = batch.class.narrow(0, b_r, b - b_r);
+        let (flow_class, _) = self.dropout.apply(&flow_class, net.null_class());
+        let flow_err = flow_matching_error(
+            net,
+            self.path.as_ref(),
+            &x.narrow(0, b_r, b - b_r),
+            &eps.narrow(0, b_r, b - b_r),
+            &t.narrow(0, b_r, b - b_r),
+            self.flow_h,
+            &flow_class,
+        );
+        if b_r == 0 {
+            let value = flow_err.mean(None);
+            return Loss { metrics: vec![("flow_loss", value.detach())], value };
+        }
+
+        // Reflow rows: 0..b_r; their data images are replaced by the rollout's samples.
+        let eps_r = eps.narrow(0, 0, b_r);
+        let class_r = batch.class.narrow(0, 0, b_r);
+        let x_gen = self.rollout(net, &eps_r, &class_r);
+        let reflow_err = flow_matching_error(net, self.path.as_ref(), &x_gen, &eps_r, &t.narrow(0, 0, b_r), self.reflow_h, &class_r);
+
+        // The plain mean over all rows, as the code's mean over the merged batch.
+        let value = Tensor::cat(&[&reflow_err, &flow_err], 0).mean(None);
+        let mut metrics = vec![("reflow_loss", reflow_err.mean(None).detach())];
+        if b_r < b {
+            metrics.push(("flow_loss", flow_err.mean(None).detach()));
+        }
+        Loss { value, metrics }
+    }
+}
