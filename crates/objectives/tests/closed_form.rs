@@ -1,0 +1,184 @@
+//! Closed forms on Gaussian data x ~ N(mu, s²·I) with the linear path: the exact average velocity
+//! u(x_t, t, h) plugged in as the "network". Flow matching and MeanFlow keep an irreducible
+//! conditional variance (computed here in closed form and matched within Monte-Carlo error);
+//! Shortcut's self-consistency residual, progressive distillation with an exact teacher and every
+//! loss on a point mass (s = 0) vanish.
+use flowmap_core::{per_sample, DdpmSchedule, Interpolant, PairSamplerConfig, VelocityField};
+use flowmap_objectives::*;
+use std::sync::Mutex;
+use tch::{Device, Kind, Tensor};
+
+// Forward-AD levels are process-global: tests that enter one must not overlap.
+static LEVEL: Mutex<()> = Mutex::new(());
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    LEVEL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const D: i64 = 8;
+const MU: f64 = 0.5;
+const F64: (Kind, Device) = (Kind::Double, Device::Cpu);
+
+/// sigma_t of the marginal: √((1 − t)²s² + t²).
+fn sigma_t(t: &Tensor, s: f64) -> Tensor {
+    ((-t + 1.0).square() * (s * s) + t.square()).sqrt()
+}
+
+/// The exact average velocity over [t − h, t] of the Gaussian's probability-flow ODE, smooth in h:
+/// x_r = mu_r + (σ_r/σ_t)(x_t − mu_t) gives u = −mu + g/σ_t·(x_t − (1 − t)·mu) with
+/// g = (σ_t − σ_r)/h = [(t + r) − s²(2 − t − r)]/(σ_t + σ_r). At h = 0, u = v = dx_t/dt.
+fn exact_u(s: f64) -> impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor {
+    move |x_t: &Tensor, t: &Tensor, h: &Tensor, _class: &Tensor| {
+        let r = t - h;
+        let (st, sr) = (sigma_t(t, s), sigma_t(&r, s));
+        let g = ((t + &r) - (-(t + &r) + 2.0) * (s * s)) / (&st + &sr);
+        (x_t - per_sample(&(-t + 1.0), x_t) * MU) * per_sample(&(g / st), x_t) - MU
+    }
+}
+
+fn data(n: i64, s: f64) -> Batch {
+    let x = Tensor::randn([n, D], F64) * s + MU;
+    Batch::new(x, Tensor::zeros([n], (Kind::Int64, Device::Cpu)))
+}
+
+fn run(objective: &dyn Objective, net: &dyn VelocityField, batch: &Batch) -> Loss {
+    objective.loss(Nets { online: net, ema: net, teacher: Some(net) }, batch, 0)
+}
+
+fn metric(loss: &Loss, name: &str) -> f64 {
+    loss.metrics.iter().find(|(k, _)| *k == name).unwrap_or_else(|| panic!("no metric {name}")).1.double_value(&[])
+}
+
+/// E_t[s²/σ_t²] for t ~ U[0, 1] by the midpoint rule: the per-element conditional variance
+/// Var(ε − x | x_t) = s²/σ_t² (derived: s²(1 − t + t)²/σ_t²).
+fn fm_variance_uniform(s: f64) -> f64 {
+    let n = 200_000;
+    (0..n).map(|i| (i as f64 + 0.5) / n as f64).map(|t| s * s / ((1.0 - t).powi(2) * s * s + t * t)).sum::<f64>() / n as f64
+}
+
+fn assert_close(measured: f64, expected: f64, rel: f64, what: &str) {
+    println!("{what}: measured {measured:.5}, closed form {expected:.5}, rel. diff {:.2e}", (measured - expected).abs() / expected.abs().max(1e-12));
+    assert!((measured - expected).abs() <= rel * expected.abs(), "{what}: measured {measured}, expected {expected} (rel tol {rel})");
+}
+
+#[test]
+fn flow_matching_loss_equals_the_conditional_variance() {
+    tch::manual_seed(1);
+    let s = 1.0;
+    let net = (exact_u(s), 0);
+    let fm = FlowMatchingConfig::default().build().unwrap();
+    let loss = run(&fm, &net, &data(16_384, s)).value.double_value(&[]);
+    let expected = fm_variance_uniform(s); // π/2 for s = 1
+    assert!((expected - std::f64::consts::FRAC_PI_2).abs() < 1e-6);
+    assert_close(loss, expected, 0.03, "FM loss with the exact velocity (s = 1)");
+    // A point mass has no conditional variance.
+    let point = (exact_u(0.0), 0);
+    let loss0 = run(&fm, &point, &data(1024, 0.0)).value.double_value(&[]);
+    println!("FM loss on a point mass: {loss0:.3e}");
+    assert!(loss0 < 1e-20);
+}
+
+/// E over MeanFlow pairs of D·f(t, r) for the sampler's (t, r) distribution, by sampling it.
+fn over_pairs(f: impl Fn(&Tensor, &Tensor) -> Tensor) -> f64 {
+    let pairs = PairSamplerConfig::MeanFlow(Default::default()).build().sample(2_000_000, Device::Cpu);
+    let (t, r) = (pair_kind(&pairs.t), pair_kind(&pairs.r));
+    f(&t, &r).mean(Kind::Double).double_value(&[]) * D as f64
+}
+fn pair_kind(t: &Tensor) -> Tensor {
+    t.to_kind(Kind::Double)
+}
+
+#[test]
+fn mean_flow_residuals_are_the_conditional_variance() {
+    let _g = lock();
+    let s = 1.0;
+    let net = (exact_u(s), 0);
+    let batch_of = |seed| {
+        tch::manual_seed(seed);
+        data(16_384, s)
+    };
+    // Official objective: residual (I − h∂ₓu)(v − v_marg) = (σ_r/σ_t)(v − v_marg), so the per-sample
+    // sum has mean D·E[(σ_r/σ_t)²·s²/σ_t²] [derived].
+    let official = MeanFlowConfig { weighting: AdaptiveWeighting::none(), ..Default::default() }.build().unwrap();
+    let batch = batch_of(2);
+    let loss = run(&official, &net, &batch).value.double_value(&[]);
+    let expected = over_pairs(|t, r| (sigma_t(r, s) / sigma_t(t, s)).square() * (s * s) / sigma_t(t, s).square());
+    assert_close(loss, expected, 0.03, "MeanFlow official (conditional tangent, sg) with the exact u");
+
+    // The graph-free JVP gives the same loss from the same draws.
+    let graph_free = MeanFlowConfig { weighting: AdaptiveWeighting::none(), jvp_mode: JvpMode::GraphFree, ..Default::default() }.build().unwrap();
+    tch::manual_seed(7);
+    let a = run(&official, &net, &batch).value.double_value(&[]);
+    tch::manual_seed(7);
+    let b = run(&graph_free, &net, &batch).value.double_value(&[]);
+    println!("one_pass {a:.12} vs graph_free {b:.12}");
+    assert!((a - b).abs() <= 1e-12 * a.abs());
+
+    // Model tangent (the seed's first and second objectives): with the exact u₀ = v_marg the
+    // residual is v_marg − v, so the loss is D·E_t[s²/σ_t²] over the sampler's t.
+    let expected_model = over_pairs(|t, _| (s * s) / sigma_t(t, s).square());
+    for (name, cfg) in [("first (no sg)", MeanFlowConfig::model_tangent_full()), ("second (sg)", MeanFlowConfig::model_tangent_stop_gradient())] {
+        let objective = MeanFlowConfig { weighting: AdaptiveWeighting::none(), ..cfg }.build().unwrap();
+        let loss = run(&objective, &net, &batch).value.double_value(&[]);
+        assert_close(loss, expected_model, 0.03, &format!("MeanFlow {name} objective with the exact u"));
+    }
+
+    // Point mass: every residual vanishes, for all three objectives and with adaptive weighting on.
+    let point = (exact_u(0.0), 0);
+    tch::manual_seed(3);
+    let batch0 = data(2048, 0.0);
+    for cfg in [MeanFlowConfig::default(), MeanFlowConfig::model_tangent_full(), MeanFlowConfig::model_tangent_stop_gradient()] {
+        let l = run(&cfg.build().unwrap(), &point, &batch0);
+        let raw = metric(&l, "mf_loss_unweighted");
+        println!("MeanFlow {:?}/sg={} on a point mass: {raw:.3e}", cfg.tangent, cfg.stop_gradient);
+        assert!(raw < 1e-18, "{raw}");
+    }
+}
+
+#[test]
+fn shortcut_self_consistency_residual_vanishes() {
+    tch::manual_seed(4);
+    let s = 1.0;
+    let net = (exact_u(s), 0);
+    for cfg in [ShortcutConfig::paper(), ShortcutConfig { clip: f64::INFINITY, bootstrap_cfg_scale: 1.0, ..ShortcutConfig::official_code() }] {
+        let shortcut = cfg.build().unwrap();
+        let l = run(&shortcut, &net, &data(8192, s));
+        let boot = metric(&l, "bootstrap_loss");
+        println!("Shortcut ({} bootstrap rows of 8192) self-consistency residual with the exact u: {boot:.3e}", cfg.bootstrap_rows(8192));
+        assert!(boot < 1e-20, "{boot}");
+    }
+    // The flow rows keep FM's conditional variance.
+    let shortcut = ShortcutConfig::paper().build().unwrap();
+    let flow = metric(&run(&shortcut, &net, &data(32_768, s)), "flow_loss");
+    assert_close(flow, fm_variance_uniform(s), 0.03, "Shortcut flow rows with the exact velocity");
+}
+
+#[test]
+fn progressive_distillation_with_an_exact_teacher_has_zero_loss() {
+    tch::manual_seed(5);
+    let net = (exact_u(1.0), 0);
+    let pd = ProgressiveConfig::new(10).build().unwrap();
+    for step in [0, 15, 69] {
+        let l = pd.loss(Nets { online: &net, ema: &net, teacher: Some(&net) }, &data(1024, 1.0), step);
+        let v = l.value.double_value(&[]);
+        println!("PD at step {step} (level {}): {v:.3e}", pd.level(step));
+        assert!(v < 1e-20);
+    }
+}
+
+#[test]
+fn ddpm_loss_with_the_exact_noise_prediction_is_the_posterior_variance() {
+    tch::manual_seed(6);
+    let (s, schedule) = (1.0, DdpmSchedule::default());
+    // E[ε | x_n] = σ(x_n − α·mu)/(α²s² + σ²); residual variance α²s²/(α²s² + σ²) per element.
+    let eps_hat = move |x_t: &Tensor, t: &Tensor, _h: &Tensor, _c: &Tensor| {
+        let (a, sg) = (schedule.alpha(t), schedule.sigma(t));
+        let denom = a.square() * (s * s) + sg.square();
+        (x_t - per_sample(&a, x_t) * MU) * per_sample(&(sg / denom), x_t)
+    };
+    let net = (eps_hat, 0);
+    let ddpm = DdpmObjectiveConfig::default().build().unwrap();
+    let loss = run(&ddpm, &net, &data(32_768, s)).value.double_value(&[]);
+    let ab = schedule.alphas_cumprod(Device::Cpu);
+    let expected = (&ab * (s * s) / (&ab * (s * s) - &ab + 1.0)).mean(Kind::Double).double_value(&[]);
+    assert_close(loss, expected, 0.03, "DDPM loss with the exact noise prediction");
+}

@@ -1,0 +1,129 @@
+//! Every objective kind parses from TOML and builds; typos and degenerate settings are rejected;
+//! Shortcut presets resolve with overrides; stage and row bookkeeping.
+use flowmap_objectives::*;
+
+fn parse(text: &str) -> anyhow::Result<ObjectiveConfig> {
+    Ok(toml::from_str::<ObjectiveConfig>(text)?)
+}
+
+#[test]
+fn every_kind_parses_with_defaults_and_builds() {
+    let kinds = [
+        "kind = \"flow_matching\"",
+        "kind = \"ddpm\"",
+        "kind = \"consistency_training\"\n[grid.spacing]\nkind = \"uniform\"\n[grid.schedule]\nkind = \"doubling\"\nstages = 7\ntotal_steps = 7000",
+        "kind = \"consistency_distillation\"",
+        "kind = \"progressive_distillation\"\nsteps_per_stage = 1000",
+        "kind = \"reflow\"",
+        "kind = \"live_reflow\"",
+        "kind = \"shortcut\"",
+        "kind = \"mean_flow\"",
+    ];
+    for text in kinds {
+        let cfg = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        cfg.build().unwrap_or_else(|e| panic!("{text}: {e}"));
+        // The resolved config round-trips through TOML.
+        let back: ObjectiveConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg, "{text}");
+    }
+}
+
+#[test]
+fn full_tables_parse() {
+    let mf = parse(
+        r#"
+        kind = "mean_flow"
+        tangent = "model"
+        stop_gradient = false
+        jvp_mode = "one_pass"
+        label_dropout = 0.1
+        label_dropout_rows = "random"
+        [times]
+        equal_fraction = 0.5
+        [times.times]
+        kind = "logit_normal"
+        mean = -0.4
+        std = 1.0
+        [weighting]
+        power = 0.75
+        c = 0.01
+        [guidance]
+        omega = 1.0
+        kappa = 0.5
+        t_start = 0.0
+        t_end = 0.8
+        "#,
+    )
+    .unwrap();
+    let ObjectiveConfig::MeanFlow(c) = &mf else { panic!() };
+    assert_eq!((c.tangent, c.stop_gradient, c.times.equal_fraction, c.weighting.power), (MeanFlowTangent::Model, false, 0.5, 0.75));
+    assert_eq!(c.guidance.unwrap().t_end, 0.8);
+    mf.build().unwrap();
+
+    let ddpm = parse("kind = \"ddpm\"\nvariance = \"learned\"\n[schedule]\nsteps = 1000\nbeta_start = 1e-4\nbeta_end = 0.02").unwrap();
+    ddpm.build().unwrap();
+}
+
+#[test]
+fn typos_are_rejected() {
+    for text in [
+        "kind = \"flow_matching\"\nflow_hh = 0.0",
+        "kind = \"mean_flow\"\nequal_fraction = 0.5",
+        "kind = \"mean_flow\"\n[weighting]\npower = 1.0\ncc = 0.1",
+        "kind = \"shortcut\"\npreset = \"official_code\"\nbootstrap_every = 8",
+        "kind = \"shortcut\"\npreset = \"offical_code\"",
+        "kind = \"progressive_distillation\"",
+        "kind = \"flowmatching\"",
+    ] {
+        assert!(parse(text).is_err(), "accepted: {text}");
+    }
+}
+
+#[test]
+fn invalid_values_fail_at_build() {
+    for text in [
+        "kind = \"mean_flow\"\nstop_gradient = false\njvp_mode = \"graph_free\"",
+        "kind = \"flow_matching\"\nlabel_dropout = 1.5",
+        "kind = \"live_reflow\"\nreflow_fraction = 2.0",
+    ] {
+        assert!(parse(text).unwrap().build().is_err(), "built: {text}");
+    }
+    // Shortcut validates while parsing (its preset is resolved there).
+    assert!(parse("kind = \"shortcut\"\nbootstrap_fraction = -0.1").is_err());
+}
+
+#[test]
+fn shortcut_presets_and_overrides() {
+    let ObjectiveConfig::Shortcut(paper) = parse("kind = \"shortcut\"").unwrap() else { panic!() };
+    assert_eq!(paper, ShortcutConfig::paper());
+    assert_eq!((paper.bootstrap_fraction, paper.flow_h, paper.target, paper.clip), (0.25, 0.0, TargetNet::Online, f64::INFINITY));
+    let ObjectiveConfig::Shortcut(code) = parse("kind = \"shortcut\"\npreset = \"official_code\"\nbootstrap_fraction = 0.25").unwrap() else { panic!() };
+    assert_eq!(code, ShortcutConfig { bootstrap_fraction: 0.25, ..ShortcutConfig::official_code() });
+    assert_eq!((code.flow_h, code.target, code.clip, code.bootstrap_cfg_scale, code.reuse_bootstrap_images), (1.0 / 128.0, TargetNet::Ema, 4.0, 1.5, true));
+    // `clip = inf` switches clipping off under the code preset.
+    let ObjectiveConfig::Shortcut(unclipped) = parse("kind = \"shortcut\"\npreset = \"official_code\"\nclip = inf").unwrap() else { panic!() };
+    assert!(unclipped.clip.is_infinite());
+}
+
+#[test]
+fn shortcut_rejects_degenerate_batches() {
+    // shortcut-models issue #11: batch 32 with 1/8 bootstrap rows = 4 rows for 7 levels.
+    let code = ObjectiveConfig::Shortcut(ShortcutConfig::official_code());
+    let err = code.build_for_batch(32).err().expect("batch 32 must be rejected").to_string();
+    assert!(err.contains("issue #11"), "{err}");
+    code.build_for_batch(56).unwrap();
+    ObjectiveConfig::Shortcut(ShortcutConfig::paper()).build_for_batch(28).unwrap();
+    assert!(ObjectiveConfig::Shortcut(ShortcutConfig::paper()).build_for_batch(27).is_err());
+}
+
+#[test]
+fn progressive_stages_and_teacher_refresh() {
+    let pd = ProgressiveConfig::new(100).build().unwrap();
+    assert!(pd.needs_teacher());
+    let levels: Vec<u32> = [0, 99, 100, 650, 699, 700, 10_000].iter().map(|&s| pd.level(s)).collect();
+    assert_eq!(levels, vec![6, 6, 5, 0, 0, 0, 0]);
+    let refresh: Vec<u64> = (0..1000).filter(|&s| pd.refresh_teacher_at(s)).collect();
+    assert_eq!(refresh, vec![100, 200, 300, 400, 500, 600]);
+    let fm = FlowMatchingConfig::default().build().unwrap();
+    assert!(!fm.refresh_teacher_at(100) && !fm.needs_teacher());
+}
