@@ -1,0 +1,160 @@
+//! Every objective on the small MLP and on a tiny DiT (depth 1, width 32, 2×8×8 input, patch 2):
+//! finite loss, gradients reach every trainable parameter of the online net and none of the
+//! EMA/teacher nets, and the same seed gives the identical loss.
+use flowmap::models::{DitConfig, MlpConfig, Variance};
+use flowmap::objectives::*;
+use flowmap::VelocityField;
+use std::sync::Mutex;
+use tch::nn::{self, VarStore};
+use tch::{Device, Kind, Tensor};
+
+// Forward-AD levels are process-global: tests that enter one must not overlap.
+static LEVEL: Mutex<()> = Mutex::new(());
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    LEVEL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const CLASSES: i64 = 3;
+const B: i64 = 64; // official_code Shortcut needs >= 56 (8 bootstrap rows for 7 levels)
+
+fn objectives() -> Vec<(&'static str, ObjectiveConfig, u64)> {
+    use ObjectiveConfig as O;
+    vec![
+        ("flow_matching", O::FlowMatching(FlowMatchingConfig::default()), 0),
+        ("ddpm", O::Ddpm(DdpmObjectiveConfig::default()), 0),
+        ("consistency_training", O::ConsistencyTraining(ConsistencyTrainingConfig::shortcut_code(700)), 650),
+        ("consistency_distillation", O::ConsistencyDistillation(ConsistencyDistillationConfig::default()), 0),
+        ("progressive_distillation", O::ProgressiveDistillation(ProgressiveConfig { teacher_cfg_scale: Some(1.5), ..ProgressiveConfig::new(100) }), 0),
+        ("reflow", O::Reflow(ReflowConfig::default()), 0),
+        ("live_reflow", O::LiveReflow(LiveReflowConfig { rollout_cfg_scale: Some(1.5), ..Default::default() }), 0),
+        ("shortcut_paper", O::Shortcut(ShortcutConfig::paper()), 0),
+        ("shortcut_official_code", O::Shortcut(ShortcutConfig::official_code()), 0),
+        ("mean_flow", O::MeanFlow(MeanFlowConfig { guidance: Some(MeanFlowGuidance::default()), ..Default::default() }), 0),
+        ("mean_flow_graph_free", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::GraphFree, ..Default::default() }), 0),
+        ("mean_flow_model_tangent_sg", O::MeanFlow(MeanFlowConfig::model_tangent_stop_gradient()), 0),
+        ("mean_flow_model_tangent_full", O::MeanFlow(MeanFlowConfig::model_tangent_full()), 0),
+    ]
+}
+
+/// Moves every weight off its (partly zero) initialisation so that all gradients can be non-zero.
+fn perturb(vs: &VarStore, seed: i64) {
+    tch::manual_seed(seed);
+    tch::no_grad(|| {
+        for mut v in vs.trainable_variables() {
+            let noise = v.randn_like() * 0.1;
+            let _ = v.g_add_(&noise);
+        }
+    });
+}
+
+struct Three {
+    online: (VarStore, Box<dyn VelocityField>),
+    ema: (VarStore, Box<dyn VelocityField>),
+    teacher: (VarStore, Box<dyn VelocityField>),
+}
+
+fn three(make: &dyn Fn(nn::Path) -> Box<dyn VelocityField>) -> Three {
+    let one = |seed| {
+        tch::manual_seed(seed);
+        let vs = VarStore::new(Device::Cpu);
+        let net = make(vs.root());
+        perturb(&vs, seed + 100);
+        (vs, net)
+    };
+    Three { online: one(1), ema: one(2), teacher: one(3) }
+}
+
+fn batch(x_shape: &[i64]) -> Batch {
+    let x = Tensor::randn(x_shape, (Kind::Float, Device::Cpu));
+    let class = Tensor::randint(CLASSES + 1, [x_shape[0]], (Kind::Int64, Device::Cpu)); // some rows already null
+    Batch::coupled(x.shallow_clone(), class, x.randn_like())
+}
+
+fn check_all(label: &str, nets: &Three, x_shape: &[i64], only: Option<&[&str]>, skip: &[&str], extra: Vec<(&'static str, ObjectiveConfig, u64)>) {
+    let mut list = objectives();
+    list.extend(extra);
+    for (name, cfg, step) in list {
+        if only.is_some_and(|names| !names.contains(&name)) || skip.contains(&name) {
+            continue;
+        }
+        let objective = cfg.build_for_batch(x_shape[0]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let run = || {
+            tch::manual_seed(42);
+            let b = batch(x_shape);
+            let n = Nets { online: nets.online.1.as_ref(), ema: nets.ema.1.as_ref(), teacher: Some(nets.teacher.1.as_ref()) };
+            objective.loss(n, &b, step)
+        };
+        for vs in [&nets.online.0, &nets.ema.0, &nets.teacher.0] {
+            for mut v in vs.trainable_variables() {
+                let _ = v.zero_grad();
+            }
+        }
+        let loss = run();
+        let value = loss.value.double_value(&[]);
+        assert!(value.is_finite() && value > 0.0, "{label}/{name}: loss {value}");
+        for (k, m) in &loss.metrics {
+            assert!(m.double_value(&[]).is_finite(), "{label}/{name}: metric {k}");
+            assert!(!m.requires_grad(), "{label}/{name}: metric {k} keeps a graph");
+        }
+        loss.value.backward();
+        let vars: Vec<(String, Tensor)> = nets.online.0.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
+        let mut missing = vec![];
+        for (pname, v) in &vars {
+            let g = v.grad();
+            if !g.defined() || g.abs().sum(Kind::Double).double_value(&[]) == 0.0 {
+                missing.push(pname.clone());
+            }
+        }
+        assert!(missing.is_empty(), "{label}/{name}: no gradient reaches {missing:?}");
+        for vs in [&nets.ema.0, &nets.teacher.0] {
+            for v in vs.trainable_variables() {
+                let g = v.grad();
+                assert!(!g.defined() || g.abs().sum(Kind::Double).double_value(&[]) == 0.0, "{label}/{name}: a gradient reached a target net");
+            }
+        }
+        let again = run().value.double_value(&[]);
+        assert_eq!(value.to_bits(), again.to_bits(), "{label}/{name}: same seed, different loss ({value} vs {again})");
+        println!("{label:4} {name:30} loss {value:10.5}  {} parameter tensors reached", vars.len());
+    }
+}
+
+#[test]
+fn every_objective_on_the_mlp() {
+    let _g = lock();
+    let make = |p: nn::Path| -> Box<dyn VelocityField> {
+        let cfg = MlpConfig { width: 64, depth: 2, num_classes: CLASSES, ..MlpConfig::new(2) };
+        Box::new(cfg.init(p).unwrap())
+    };
+    check_all("mlp", &three(&make), &[B, 2], None, &[], vec![]);
+}
+
+fn tiny_dit(variance: Variance) -> DitConfig {
+    DitConfig { in_channels: 2, input_size: 8, num_classes: CLASSES, variance, ..DitConfig::arch(1, 32, 2, 2) }
+}
+
+#[test]
+fn every_objective_on_a_tiny_dit() {
+    let _g = lock();
+    let make = |p: nn::Path| -> Box<dyn VelocityField> { Box::new(tiny_dit(Variance::Fixed).init(p).unwrap()) };
+    check_all("dit", &three(&make), &[B, 2, 8, 8], None, &["mean_flow_model_tangent_full"], vec![]);
+}
+
+/// The seed's first MeanFlow objective back-propagates through the JVP (reverse-over-forward).
+/// libtorch's `softmax` forward-AD formula is not differentiable in reverse mode ("output 0 of
+/// ExpBackward0 ... modified by an inplace operation"; an out-of-place exp/sum softmax works), so this
+/// needs the DiT's math attention path to use an out-of-place softmax. Passes on the MLP above.
+#[test]
+#[ignore = "needs flowmap-models' math attention with an out-of-place softmax (libtorch softmax JVP is not reverse-differentiable)"]
+fn mean_flow_second_order_on_a_tiny_dit() {
+    let _g = lock();
+    let make = |p: nn::Path| -> Box<dyn VelocityField> { Box::new(tiny_dit(Variance::Fixed).init(p).unwrap()) };
+    check_all("dit", &three(&make), &[B, 2, 8, 8], Some(&["mean_flow_model_tangent_full"]), &[], vec![]);
+}
+
+#[test]
+fn ddpm_with_learned_variance_on_a_tiny_dit() {
+    let _g = lock();
+    let make = |p: nn::Path| -> Box<dyn VelocityField> { Box::new(tiny_dit(Variance::Learned).init(p).unwrap()) };
+    let learned = ObjectiveConfig::Ddpm(DdpmObjectiveConfig { variance: DdpmVariance::Learned, ..Default::default() });
+    check_all("dit", &three(&make), &[B, 2, 8, 8], Some(&["ddpm_learned_variance"]), &[], vec![("ddpm_learned_variance", learned, 0)]);
+}
