@@ -3,17 +3,32 @@
 //! **One time convention everywhere: t = 0 is data, t = 1 is noise**, and
 //! x_t = alpha(t)·x + sigma(t)·eps. Networks receive (x_t, t, h = t − r, class), where r <= t is
 //! the time a step jumps to. Samplers walk a grid from t = 1 down to t = 0.
+//!
+//! * [`interpolant`]: paths and conversions between velocity, clean sample, noise and score;
+//! * [`time`]: training-time and (t, r) pair samplers;
+//! * [`sampling`]: the sampler over a time grid;
+//! * [`guidance`]: classifier-free guidance as a wrapper; [`ema`]: the parameter EMA;
+//! * [`gaussian`]: exact fields for Gaussian data (tests);
+//! * [`net`]: the network trait.
 pub mod config;
+pub mod ema;
+pub mod gaussian;
+pub mod guidance;
 pub mod interpolant;
 pub mod net;
+pub mod sampling;
 pub mod time;
 
 pub use config::NoParams;
+pub use ema::Ema;
+pub use gaussian::{ExactAverageVelocity, ExactEps, ExactVelocity, GaussianData};
+pub use guidance::Guided;
 pub use interpolant::{
     DdpmConfig, DdpmSchedule, Interpolant, InterpolantConfig, Linear, SigmaMinConfig, TrigFlow, TrigFlowConfig,
     VpCosine, VpCosineConfig, VpLinearBeta,
 };
 pub use net::{per_sample, VelocityField};
+pub use sampling::{check_grid, sample, uniform_grid, Diffusion, DiffusionScale, StepRule, TimeGrid};
 pub use time::{
     ConsistencyCurriculum, ConsistencyGrid, CtSchedule, DdpmSteps, DiscreteUniform, DyadicSteps, GridSpacing,
     LogitNormal, MeanFlowPairs, PairSampler, PairSamplerConfig, TimePair, TimeSampler, TimeSamplerConfig, Uniform,

@@ -89,3 +89,19 @@ fn out_of_range_values_fail_validation() {
     let bad: InterpolantConfig = parse("kind = \"ddpm_linear_beta\"\nbeta_end = 1.5").unwrap();
     assert!(bad.validate().is_err());
 }
+
+#[test]
+fn sampler_grid_and_diffusion_configs() {
+    use flowmap_core::{Diffusion, DiffusionScale, TimeGrid};
+    let g: TimeGrid = parse("kind = \"uniform\"\nsteps = 4").unwrap();
+    assert_eq!(g.times(), [1.0, 0.75, 0.5, 0.25, 0.0]);
+    g.validate().unwrap();
+    let g: TimeGrid = parse("kind = \"list\"\ntimes = [1.0, 0.5, 0.0]").unwrap();
+    assert_eq!(g.times(), [1.0, 0.5, 0.0]);
+    let bad: TimeGrid = parse("kind = \"list\"\ntimes = [0.0, 0.5, 1.0]").unwrap();
+    assert!(bad.validate().is_err(), "ascending grids are rejected");
+    assert!(parse::<TimeGrid>("kind = \"uniform\"\nstep = 4").is_err());
+    let d: Diffusion = parse("kind = \"sigma\"\nscale = 1.5").unwrap();
+    assert_eq!(d, Diffusion::Sigma(DiffusionScale { scale: 1.5 }));
+    assert_eq!(d.g(0.5), 0.75);
+}

@@ -24,6 +24,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn derivatives_match_central_differences() {
+    single_thread();
     // Mid-interval points of the DDPM grid (log ā is piecewise linear between nodes m/1000).
     let times = [0.0505, 0.1235, 0.3005, 0.5005, 0.7315, 0.9005, 0.9605];
     let t = Tensor::from_slice(&times);
@@ -45,6 +46,7 @@ fn derivatives_match_central_differences() {
 
 #[test]
 fn boundary_values() {
+    single_thread();
     let t0 = Tensor::from_slice(&[0.0f64]);
     let t1 = Tensor::from_slice(&[1.0f64]);
     let x = Tensor::randn([3, 2, 4, 4], (Kind::Double, Device::Cpu));
@@ -78,6 +80,7 @@ fn boundary_values() {
 
 #[test]
 fn conversions_round_trip() {
+    single_thread();
     let x = Tensor::randn([5, 3, 2], (Kind::Double, Device::Cpu));
     let eps = Tensor::randn([5, 3, 2], (Kind::Double, Device::Cpu));
     let t = Tensor::from_slice(&[0.05f64, 0.25, 0.5, 0.75, 0.95]);
@@ -119,6 +122,7 @@ fn conversions_round_trip() {
 
 #[test]
 fn ddpm_schedule_matches_discrete_definition() {
+    single_thread();
     let ddpm = DdpmSchedule::default();
     let betas = ddpm.betas_vec();
     assert_eq!(betas.len(), 1000);
@@ -147,4 +151,10 @@ fn ddpm_schedule_matches_discrete_definition() {
     let t_all = (all_n.to_kind(Kind::Double) + 1.0) / 1000.0;
     let gap = max_abs_diff(&vp.alpha(&t_all), &ddpm.alpha(&t_all));
     assert!(gap < 2e-3, "continuous vs discrete alpha differ by {gap:e}");
+}
+
+/// One intra-op thread: the test threads already use both cores, and OpenMP spinning on an
+/// oversubscribed machine is many times slower than running single-threaded.
+fn single_thread() {
+    tch::set_num_threads(1);
 }

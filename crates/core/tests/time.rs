@@ -25,6 +25,7 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 
 #[test]
 fn continuous_samplers_ranges_and_moments() {
+    single_thread();
     let _g = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(1);
     let n = 200_000;
@@ -51,6 +52,7 @@ fn continuous_samplers_ranges_and_moments() {
 
 #[test]
 fn discrete_samplers_lie_on_their_grids() {
+    single_thread();
     let _g = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(2);
     let n = 50_000;
@@ -77,6 +79,7 @@ fn discrete_samplers_lie_on_their_grids() {
 
 #[test]
 fn mean_flow_pairs_equal_fraction() {
+    single_thread();
     let _g = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(3);
     for (n, frac, equal) in [(1000i64, 0.75, 750usize), (256, 0.75, 192), (10, 0.0, 0), (10, 1.0, 10), (30, 0.1, 3)] {
@@ -105,6 +108,7 @@ fn mean_flow_pairs_equal_fraction() {
 
 #[test]
 fn dyadic_steps_layout_and_grid_membership() {
+    single_thread();
     let _g = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(4);
     let sampler = DyadicSteps { max_level: 6 };
@@ -137,11 +141,13 @@ fn dyadic_steps_layout_and_grid_membership() {
 #[test]
 #[should_panic(expected = "issue #11")]
 fn dyadic_steps_reject_too_few_rows() {
+    single_thread();
     let _ = DyadicSteps { max_level: 6 }.levels(6, CPU);
 }
 
 #[test]
 fn consistency_grids_and_curricula() {
+    single_thread();
     let _g = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(5);
     let grid = ConsistencyGrid { points: 9, spacing: GridSpacing::Uniform(NoParams {}) };
@@ -189,6 +195,7 @@ fn consistency_grids_and_curricula() {
 
 #[test]
 fn draws_are_reproducible_under_a_seed() {
+    single_thread();
     let _g = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let draw = || {
         let mut out = vec![Uniform.sample(64, CPU), LogitNormal { mean: 0.0, std: 1.0 }.sample(64, CPU)];
@@ -214,4 +221,10 @@ fn draws_are_reproducible_under_a_seed() {
         assert!(x.equal(y), "draw {i} differs under the same seed");
     }
     assert!(!a[0].equal(&c[0]) && !a[1].equal(&c[1]), "a different seed gives different draws");
+}
+
+/// One intra-op thread: the test threads already use both cores, and OpenMP spinning on an
+/// oversubscribed machine is many times slower than running single-threaded.
+fn single_thread() {
+    tch::set_num_threads(1);
 }
