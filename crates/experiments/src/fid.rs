@@ -1,1 +1,261 @@
-//! FID and KID with the Inception-v3 network from the data cache.
+//! FID and KID with the Inception-v3 network from the data cache (methods.md §18, ecosystem.md §6).
+//!
+//! * [`Inception`]: images in [−1, 1] → (N, 2048) Float64 pool3 features, in the pytorch-fid
+//!   convention by default or the TF one ([`Preprocess`]).
+//! * [`FeatureStats`] / [`GaussianStats`] / [`frechet_distance`]: float64 statistics and distance.
+//! * [`kernel_inception_distance`]: unbiased KID over subsets.
+//! * [`Reference`]: statistics of a data split (cached by [`stats_cache_key`]) or of an `.npz`.
+//! * [`evaluate_steps`]: FID (and KID) at a list of step counts in one call, appended to `fid.csv`.
+use anyhow::{bail, ensure, Context, Result};
+use std::io::Write;
+use std::path::Path;
+use tch::Tensor;
+
+pub mod inception;
+pub mod kid;
+pub mod reference;
+pub mod stats;
+
+pub use inception::{quantize, Inception, Preprocess, FEATURE_DIM, INCEPTION_SIZE};
+pub use kid::{kernel_inception_distance, mmd2_unbiased, Kid, KidSettings};
+pub use reference::{default_cache_dir, stats_cache_key, tensor_identity, RefDataset, Reference, SplitSpec};
+pub use stats::{frechet_distance, FeatureStats, GaussianStats};
+
+/// Column names of `fid.csv`, in order (long format: one row per evaluation).
+pub const FID_CSV_HEADER: [&str; 9] = ["train_step", "nfe", "cfg_scale", "weights", "num_samples", "ref_stats", "preprocess", "fid", "kid"];
+
+/// One evaluation: one row of `fid.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FidRow {
+    pub train_step: u64,
+    /// Number of function evaluations (sampling steps) of the sampler.
+    pub nfe: usize,
+    pub cfg_scale: f64,
+    /// `ema` or `online`.
+    pub weights: String,
+    pub num_samples: usize,
+    /// Name of the reference statistics ([`Reference::name`]).
+    pub ref_stats: String,
+    pub preprocess: String,
+    pub fid: f64,
+    /// KID mean over subsets; None when the reference has no features.
+    pub kid: Option<f64>,
+}
+
+/// What was sampled: the fixed columns of the rows one [`evaluate_steps`] call writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleSetting {
+    pub train_step: u64,
+    pub cfg_scale: f64,
+    pub weights: String,
+}
+
+/// How many samples, in what chunks, and whether to compute KID.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalSettings {
+    pub num_samples: usize,    // per step count; state it next to the number (it is not FID-50k)
+    pub generate_batch: usize, // images per `generate` call
+    pub kid: Option<KidSettings>, // None: FID only; KID also needs reference features
+}
+
+impl EvalSettings {
+    pub fn new(num_samples: usize) -> Self {
+        Self { num_samples, generate_batch: 256, kid: Some(KidSettings::default()) }
+    }
+}
+
+/// FID and (optionally) KID of one sample set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub fid: f64,
+    pub kid: Option<Kid>,
+}
+
+/// Scores (N, 2048) features against a reference. KID is computed when `kid` is Some and the
+/// reference has features.
+pub fn score_features(features: &Tensor, reference: &Reference, kid: Option<&KidSettings>) -> Result<Score> {
+    let stats = FeatureStats::from_features(features)?.finish()?;
+    let fid = stats.frechet_distance(&reference.stats)?;
+    let kid = match (kid, &reference.features) {
+        (Some(settings), Some(ref_features)) => Some(kernel_inception_distance(features, ref_features, settings)?),
+        _ => None,
+    };
+    Ok(Score { fid, kid })
+}
+
+/// Scores images in [−1, 1] (N, C, H, W) against a reference (see [`score_features`]).
+pub fn score_images(inception: &Inception, images: &Tensor, reference: &Reference, kid: Option<&KidSettings>) -> Result<Score> {
+    check_convention(inception, reference)?;
+    score_features(&inception.features(images)?, reference, kid)
+}
+
+fn check_convention(inception: &Inception, reference: &Reference) -> Result<()> {
+    if let Some(p) = reference.preprocess {
+        ensure!(p == inception.preprocess(), "reference `{}` was computed with the {p} convention but the Inception extractor uses {}", reference.name, inception.preprocess());
+    }
+    Ok(())
+}
+
+/// Evaluates FID (and KID, see [`score_features`]) at every step count in `nfes`.
+///
+/// `generate(nfe, n)` returns n images (n, C, H, W) in [−1, 1] sampled with `nfe` steps. It is
+/// called repeatedly with n ≤ `settings.generate_batch` until `settings.num_samples` images are
+/// made for that step count (keep fixed seeds and labels inside the closure). When `csv` is given,
+/// each row is appended to it as soon as it is computed (the header is written to a new file and
+/// checked on an existing one). Returns the rows in the order of `nfes`.
+pub fn evaluate_steps<G>(inception: &Inception, reference: &Reference, nfes: &[usize], sample: &SampleSetting, settings: &EvalSettings, csv: Option<&Path>, mut generate: G) -> Result<Vec<FidRow>>
+where
+    G: FnMut(usize, usize) -> Result<Tensor>,
+{
+    check_convention(inception, reference)?;
+    ensure!(settings.num_samples >= 2, "FID needs at least 2 samples, got {}", settings.num_samples);
+    ensure!(settings.generate_batch >= 1, "generate_batch must be at least 1");
+    let mut rows = Vec::with_capacity(nfes.len());
+    for &nfe in nfes {
+        let start = std::time::Instant::now();
+        let mut chunks = Vec::new();
+        let mut done = 0;
+        while done < settings.num_samples {
+            let n = settings.generate_batch.min(settings.num_samples - done);
+            let images = generate(nfe, n).with_context(|| format!("generating {n} images with {nfe} steps"))?;
+            ensure!(images.dim() == 4 && images.size()[0] == n as i64, "generate({nfe}, {n}) returned shape {:?}, expected ({n}, C, H, W)", images.size());
+            chunks.push(inception.features(&images)?);
+            done += n;
+        }
+        let features = Tensor::cat(&chunks, 0);
+        let score = score_features(&features, reference, settings.kid.as_ref())?;
+        tracing::info!(
+            nfe,
+            fid = score.fid,
+            kid = ?score.kid.map(|k| k.mean),
+            kid_std = ?score.kid.map(|k| k.std),
+            seconds = start.elapsed().as_secs_f64(),
+            "evaluated"
+        );
+        let row = FidRow {
+            train_step: sample.train_step,
+            nfe,
+            cfg_scale: sample.cfg_scale,
+            weights: sample.weights.clone(),
+            num_samples: settings.num_samples,
+            ref_stats: reference.name.clone(),
+            preprocess: inception.preprocess().name().to_string(),
+            fid: score.fid,
+            kid: score.kid.map(|k| k.mean),
+        };
+        if let Some(path) = csv {
+            append_fid_csv(path, std::slice::from_ref(&row))?;
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Appends rows to a `fid.csv`, writing the header when the file is new or empty and refusing a
+/// file whose header differs.
+pub fn append_fid_csv(path: &Path, rows: &[FidRow]) -> Result<()> {
+    let header = FID_CSV_HEADER.join(",");
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    if let Some(first) = existing.lines().next() {
+        ensure!(first.trim_end() == header, "{} has header `{first}`, expected `{header}`; not appending", path.display());
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut out = String::new();
+    if existing.is_empty() {
+        out.push_str(&header);
+        out.push('\n');
+    } else if !existing.ends_with('\n') {
+        out.push('\n');
+    }
+    for r in rows {
+        let kid = r.kid.map(|k| k.to_string()).unwrap_or_default();
+        let fields = [r.train_step.to_string(), r.nfe.to_string(), r.cfg_scale.to_string(), csv_field(&r.weights), r.num_samples.to_string(), csv_field(&r.ref_stats), csv_field(&r.preprocess), r.fid.to_string(), kid];
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+    f.write_all(out.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Splits CSV text into records of fields (RFC 4180 quoting; no quoted line breaks needed here,
+/// but they are handled).
+fn parse_csv(text: &str) -> Result<Vec<Vec<String>>> {
+    let mut records = Vec::new();
+    let mut record = Vec::new();
+    let mut field = String::new();
+    let mut chars = text.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            (true, '"') => quoted = false,
+            (true, c) => field.push(c),
+            (false, '"') if field.is_empty() => quoted = true,
+            (false, ',') => record.push(std::mem::take(&mut field)),
+            (false, '\r') => {}
+            (false, '\n') => {
+                record.push(std::mem::take(&mut field));
+                records.push(std::mem::take(&mut record));
+            }
+            (false, c) => field.push(c),
+        }
+    }
+    ensure!(!quoted, "unterminated quoted field");
+    if !field.is_empty() || !record.is_empty() {
+        record.push(field);
+        records.push(record);
+    }
+    records.retain(|r| !(r.len() == 1 && r[0].trim().is_empty()));
+    Ok(records)
+}
+
+/// Reads a `fid.csv` by column name (extra columns are ignored; `kid` may be absent or empty).
+pub fn read_fid_csv(path: &Path) -> Result<Vec<FidRow>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let records = parse_csv(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let Some((header, body)) = records.split_first() else {
+        bail!("{} is empty", path.display());
+    };
+    let col = |name: &str| header.iter().position(|h| h.trim() == name);
+    let need = |name: &str| col(name).with_context(|| format!("{} has no `{name}` column", path.display()));
+    let (i_step, i_nfe, i_cfg, i_w, i_n, i_ref, i_pre, i_fid) = (need("train_step")?, need("nfe")?, need("cfg_scale")?, need("weights")?, need("num_samples")?, need("ref_stats")?, need("preprocess")?, need("fid")?);
+    let i_kid = col("kid");
+    body.iter()
+        .enumerate()
+        .map(|(line, r)| {
+            let get = |i: usize| r.get(i).map(|s| s.trim()).with_context(|| format!("{} line {}: too few fields", path.display(), line + 2));
+            let num = |i: usize| -> Result<f64> { get(i)?.parse::<f64>().with_context(|| format!("{} line {}: `{}` is not a number", path.display(), line + 2, r[i])) };
+            let int = |i: usize| -> Result<u64> { get(i)?.parse::<u64>().with_context(|| format!("{} line {}: `{}` is not an integer", path.display(), line + 2, r[i])) };
+            let kid = match i_kid.and_then(|i| r.get(i)).map(|s| s.trim()) {
+                None | Some("") => None,
+                Some(_) => Some(num(i_kid.expect("checked"))?),
+            };
+            Ok(FidRow {
+                train_step: int(i_step)?,
+                nfe: int(i_nfe)? as usize,
+                cfg_scale: num(i_cfg)?,
+                weights: get(i_w)?.to_string(),
+                num_samples: int(i_n)? as usize,
+                ref_stats: get(i_ref)?.to_string(),
+                preprocess: get(i_pre)?.to_string(),
+                fid: num(i_fid)?,
+                kid,
+            })
+        })
+        .collect()
+}
+
