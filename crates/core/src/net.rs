@@ -26,6 +26,6 @@ impl<F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor> VelocityField for (F, 
 /// A per-sample scalar `s` of shape (B,) reshaped to broadcast against `like` (B, ...).
 pub fn per_sample(s: &Tensor, like: &Tensor) -> Tensor {
     let mut shape = vec![-1i64];
-    shape.extend(std::iter::repeat(1).take(like.dim().saturating_sub(1)));
+    shape.extend(std::iter::repeat_n(1, like.dim().saturating_sub(1)));
     s.reshape(shape.as_slice())
 }

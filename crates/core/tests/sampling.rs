@@ -1,7 +1,7 @@
 //! Samplers against the closed forms of Gaussian data (linear and DDPM paths), float64.
 use flowmap_core::{
     sample, uniform_grid, DdpmSchedule, Diffusion, DiffusionScale, ExactAverageVelocity, ExactEps, ExactVelocity,
-    GaussianData, Interpolant, Linear, StepRule, VelocityField,
+    GaussianData, Linear, StepRule, VelocityField,
 };
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -192,7 +192,7 @@ fn ddpm_ancestral_and_ddim_on_the_discrete_schedule() {
     let net = ExactEps { data: &data, path: &path };
     // The full 1000-step chain: t_n = (n + 1)/1000 for n = 999..0, then t = 0.
     let grid: Vec<f64> = (0..=1000).rev().map(|n| n as f64 / 1000.0).collect();
-    let b = 20_000;
+    let b = 10_000;
     let x = sample(&net, &path, noise(b), &no_class(b), &grid, StepRule::DdpmAncestral);
     // The chain's own law from DDPM's formulas (Ho et al. eq. 7): posterior mean
     // sqrt(ā_{n−1})·beta_n/(1 − ā_n)·x̂ + sqrt(1 − beta_n)·(1 − ā_{n−1})/(1 − ā_n)·x_n, variance
@@ -253,8 +253,11 @@ fn consistency_multistep_with_exact_jump_keeps_the_data_law() {
     assert_moments(&x, &MU, S * S, "consistency multistep");
 }
 
+/// (t, h, kind of t) of one call.
+type Call = (Vec<f64>, Vec<f64>, Kind);
+
 /// Records (t, h) of every call; returns zeros shaped like x_t.
-struct Recorder(RefCell<Vec<(Vec<f64>, Vec<f64>, Kind)>>);
+struct Recorder(RefCell<Vec<Call>>);
 impl VelocityField for Recorder {
     fn forward(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, _class: &Tensor) -> Tensor {
         self.0.borrow_mut().push((Vec::try_from(t).unwrap(), Vec::try_from(h).unwrap(), t.kind()));
@@ -298,10 +301,6 @@ fn ascending_grids_are_rejected() {
     let _ = sample(&rec, &Linear::new(), Tensor::zeros([1, 1], (Kind::Float, Device::Cpu)), &no_class(1), &[0.0, 1.0], StepRule::Euler);
 }
 
-#[allow(dead_code)]
-fn _path_is_object_safe(p: &dyn Interpolant) -> Tensor {
-    p.alpha(&Tensor::zeros([1], (Kind::Double, Device::Cpu)))
-}
 
 /// One intra-op thread: the test threads already use both cores, and OpenMP spinning on an
 /// oversubscribed machine is many times slower than running single-threaded.
