@@ -117,12 +117,17 @@ impl DitConfig {
     }
 }
 
-/// Which attention kernel runs.
+/// Which kernels run for attention and LayerNorm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnPath {
-    /// libtorch's `scaled_dot_product_attention` (flash / memory-efficient / cuDNN / CPU flash).
+    /// libtorch's `scaled_dot_product_attention` (flash / memory-efficient / cuDNN / CPU flash)
+    /// and `layer_norm`.
     Fused,
-    /// Explicit matmul + softmax: has a forward derivative (toolchain.md, "Attention under forward AD").
+    /// Explicit matmul + softmax and an explicit LayerNorm, written so that their forward
+    /// derivatives are themselves reverse-differentiable: fused SDPA has no forward derivative
+    /// (toolchain.md), and libtorch's `layer_norm` and `softmax` forward-AD formulas break
+    /// reverse-over-forward (softmax raises an in-place error; layer_norm silently gives a wrong
+    /// gradient, 37 % off in a float64 check), which MeanFlow's full second-order loss needs.
     Math,
 }
 
@@ -142,9 +147,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, path: AttnPath)
     match path {
         AttnPath::Fused => Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, scale, false),
         AttnPath::Math => {
-            // Under bf16 autocast the matmuls run in bf16 and softmax in f32 (autocast's fp32 list).
             let logits = q.matmul(&k.transpose(-2, -1)) * scale; // (B, NH, T, T)
-            logits.softmax(-1, None::<Kind>).matmul(v) // (B, NH, T, d)
+            // Softmax written out of place: libtorch's `softmax` forward-AD formula is not
+            // differentiable in reverse mode ("output 0 of ExpBackward0 ... modified by an inplace
+            // operation"), and MeanFlow back-propagates through the tangent. The max shift only
+            // guards exp against overflow; softmax is invariant to it, so it is detached.
+            let e = (&logits - logits.amax([-1], true).detach()).exp(); // (B, NH, T, T)
+            let probs = &e / e.sum_dim_intlist(&[-1i64][..], true, None::<Kind>); // (B, NH, T, T)
+            probs.matmul(v) // (B, NH, T, d)
         }
     }
 }
@@ -167,9 +177,18 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
     x * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1) // (B, T, D)
 }
 
-fn layer_norm(x: &Tensor) -> Tensor {
+/// LayerNorm over the last dimension without affine parameters; x (B, T, D) -> (B, T, D).
+fn layer_norm(x: &Tensor, path: AttnPath) -> Tensor {
     let d = *x.size().last().expect("layer_norm of a scalar");
-    x.layer_norm([d], None::<Tensor>, None::<Tensor>, LN_EPS, true)
+    match path {
+        AttnPath::Fused => x.layer_norm([d], None::<Tensor>, None::<Tensor>, LN_EPS, true),
+        AttnPath::Math => {
+            let last = &[-1i64][..];
+            let centred = x - x.mean_dim(last, true, None::<Kind>); // (B, T, D)
+            let var = centred.square().mean_dim(last, true, None::<Kind>); // (B, T, 1), biased like LayerNorm
+            centred * (var + LN_EPS).rsqrt() // (B, T, D)
+        }
+    }
 }
 
 /// Fixed 2-D sin-cos position table, (T, D) as f64 values in row-major token order
@@ -248,9 +267,9 @@ impl Block {
         let m = self.ada_ln.forward(c_act).chunk(6, 1); // 6 × (B, D)
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
-        let a = self.attention(&modulate(&layer_norm(x), shift_msa, scale_msa), path); // (B, T, D)
+        let a = self.attention(&modulate(&layer_norm(x, path), shift_msa, scale_msa), path); // (B, T, D)
         let x = x + gate_msa.unsqueeze(1) * a; // (B, T, D)
-        let f = self.fc2.forward(&self.fc1.forward(&modulate(&layer_norm(&x), shift_mlp, scale_mlp)).gelu("tanh")); // (B, T, D)
+        let f = self.fc2.forward(&self.fc1.forward(&modulate(&layer_norm(&x, path), shift_mlp, scale_mlp)).gelu("tanh")); // (B, T, D)
         &x + gate_mlp.unsqueeze(1) * f // (B, T, D)
     }
 
@@ -327,7 +346,7 @@ impl Dit {
         e
     }
 
-    /// The forward pass with an explicit attention kernel; `forward` picks it automatically.
+    /// The forward pass with explicit kernels; `forward` picks them automatically.
     /// x_t (B, C, H, W); t, h (B,); class (B,) Int64 -> (B, C_out, H, W) in x_t's dtype.
     pub fn forward_with(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, path: AttnPath) -> Tensor {
         let (b, c, height, width) = x_t.size4().expect("dit input must be (B, C, H, W)");
@@ -346,7 +365,7 @@ impl Dit {
             x = block.forward(&x, &c_act, path); // (B, T, D)
         }
         let m = self.final_ada_ln.forward(&c_act).chunk(2, 1); // 2 × (B, D): shift, scale
-        let x = self.final_linear.forward(&modulate(&layer_norm(&x), &m[0], &m[1])); // (B, T, p²·C_out)
+        let x = self.final_linear.forward(&modulate(&layer_norm(&x, path), &m[0], &m[1])); // (B, T, p²·C_out)
         // Unpatchify (DiT `unpatchify`): token (i, j) holds the (p, p, C_out) patch at rows i·p…, cols j·p….
         let (g, c_out) = (size / p, self.cfg.out_channels());
         let x = x.reshape([b, g, g, p, p, c_out]).permute([0, 5, 1, 3, 2, 4]).reshape([b, c_out, size, size]); // (B, C_out, H, W)
