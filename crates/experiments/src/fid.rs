@@ -113,17 +113,28 @@ where
     let mut rows = Vec::with_capacity(nfes.len());
     for &nfe in nfes {
         let start = std::time::Instant::now();
+        // Keep the features only when KID will use them; FID needs just the running sums.
+        let keep = settings.kid.is_some() && reference.features.is_some();
+        let mut stats = FeatureStats::new(FEATURE_DIM);
         let mut chunks = Vec::new();
         let mut done = 0;
         while done < settings.num_samples {
             let n = settings.generate_batch.min(settings.num_samples - done);
             let images = generate(nfe, n).with_context(|| format!("generating {n} images with {nfe} steps"))?;
             ensure!(images.dim() == 4 && images.size()[0] == n as i64, "generate({nfe}, {n}) returned shape {:?}, expected ({n}, C, H, W)", images.size());
-            chunks.push(inception.features(&images)?);
+            let features = inception.features(&images)?;
+            stats.update(&features)?;
+            if keep {
+                chunks.push(features);
+            }
             done += n;
         }
-        let features = Tensor::cat(&chunks, 0);
-        let score = score_features(&features, reference, settings.kid.as_ref())?;
+        let fid = stats.finish()?.frechet_distance(&reference.stats)?;
+        let kid = match (&settings.kid, &reference.features) {
+            (Some(kid), Some(ref_features)) => Some(kernel_inception_distance(&Tensor::cat(&chunks, 0), ref_features, kid)?),
+            _ => None,
+        };
+        let score = Score { fid, kid };
         tracing::info!(
             nfe,
             fid = score.fid,

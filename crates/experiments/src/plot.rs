@@ -168,7 +168,8 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &LineChart, se
     Ok(())
 }
 
-/// Short tick labels: integers without a fraction, others with up to 4 significant digits.
+/// Short tick labels: integers without a fraction, others with up to 4 significant digits and no
+/// trailing zeros.
 fn format_number(v: f64) -> String {
     if v == 0.0 {
         return "0".into();
@@ -177,7 +178,12 @@ fn format_number(v: f64) -> String {
         return format!("{}", v.round() as i64);
     }
     let digits = (3 - v.abs().log10().floor() as i32).clamp(0, 8) as usize;
-    format!("{v:.digits$}")
+    let s = format!("{v:.digits$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
 }
 
 /// One series per comparable setting of a run: rows at the run's latest `train_step`, grouped by
@@ -185,6 +191,7 @@ fn format_number(v: f64) -> String {
 /// vary are appended to the name. A repeated step count keeps its last row. Points are (nfe, fid).
 pub fn fid_vs_nfe_series(run: &str, rows: &[FidRow]) -> Vec<Series> {
     type Key = (String, u64, String, String, usize);
+    type Part = (bool, fn(&Key) -> String);
     let mut groups: BTreeMap<Key, (u64, BTreeMap<usize, f64>)> = BTreeMap::new();
     for r in rows {
         let key = (r.weights.clone(), r.cfg_scale.to_bits(), r.ref_stats.clone(), r.preprocess.clone(), r.num_samples);
@@ -198,7 +205,7 @@ pub fn fid_vs_nfe_series(run: &str, rows: &[FidRow]) -> Vec<Series> {
     }
     let keys: Vec<&Key> = groups.keys().collect();
     let varies = |f: fn(&Key) -> String| keys.iter().map(|k| f(k)).collect::<std::collections::BTreeSet<_>>().len() > 1;
-    let parts: [(bool, fn(&Key) -> String); 5] = [
+    let parts: [Part; 5] = [
         (varies(|k| k.0.clone()), |k| k.0.clone()),
         (varies(|k| f64::from_bits(k.1).to_string()), |k| format!("cfg {}", f64::from_bits(k.1))),
         (varies(|k| k.2.clone()), |k| k.2.clone()),
@@ -323,7 +330,9 @@ mod tests {
     #[test]
     fn number_format() {
         assert_eq!(format_number(64.0), "64");
-        assert_eq!(format_number(0.125), "0.1250");
-        assert_eq!(format_number(12.5), "12.50");
+        assert_eq!(format_number(0.125), "0.125");
+        assert_eq!(format_number(12.5), "12.5");
+        assert_eq!(format_number(0.8), "0.8");
+        assert_eq!(format_number(1.8), "1.8");
     }
 }

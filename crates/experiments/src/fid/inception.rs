@@ -128,7 +128,7 @@ impl Inception {
         Ok(Self { module, device, preprocess, batch_size: DEFAULT_BATCH, weights_sha256 })
     }
 
-    /// Images per forward pass (memory: about 4 GB of activations per 100 images in fp32).
+    /// Images per forward pass (default 50).
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
         self
