@@ -17,7 +17,7 @@ pub mod reference;
 pub mod stats;
 
 pub use inception::{quantize, Inception, Preprocess, FEATURE_DIM, INCEPTION_SIZE};
-pub use kid::{kernel_inception_distance, mmd2_unbiased, Kid, KidSettings};
+pub use kid::{kernel_inception_distance, mmd2_unbiased, Kid, KidReference, KidSettings};
 pub use reference::{default_cache_dir, stats_cache_key, tensor_identity, RefDataset, Reference, SplitSpec};
 pub use stats::{frechet_distance, FeatureStats, GaussianStats};
 
@@ -111,10 +111,15 @@ where
     ensure!(settings.num_samples >= 2, "FID needs at least 2 samples, got {}", settings.num_samples);
     ensure!(settings.generate_batch >= 1, "generate_batch must be at least 1");
     let mut rows = Vec::with_capacity(nfes.len());
+    // The reference side of KID is the same for every step count: prepared once.
+    let kid_reference = match (&settings.kid, &reference.features) {
+        (Some(kid), Some(ref_features)) => Some(KidReference::new(ref_features, settings.num_samples, kid)?),
+        _ => None,
+    };
     for &nfe in nfes {
         let start = std::time::Instant::now();
         // Keep the features only when KID will use them; FID needs just the running sums.
-        let keep = settings.kid.is_some() && reference.features.is_some();
+        let keep = kid_reference.is_some();
         let mut stats = FeatureStats::new(FEATURE_DIM);
         let mut chunks = Vec::new();
         let mut done = 0;
@@ -130,9 +135,9 @@ where
             done += n;
         }
         let fid = stats.finish()?.frechet_distance(&reference.stats)?;
-        let kid = match (&settings.kid, &reference.features) {
-            (Some(kid), Some(ref_features)) => Some(kernel_inception_distance(&Tensor::cat(&chunks, 0), ref_features, kid)?),
-            _ => None,
+        let kid = match &kid_reference {
+            Some(r) => Some(r.kid(&Tensor::cat(&chunks, 0))?),
+            None => None,
         };
         let score = Score { fid, kid };
         tracing::info!(

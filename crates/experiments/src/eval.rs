@@ -1,0 +1,102 @@
+//! `[eval]` and `flowmap fid`: FID (and KID) of a trained run at a list of step counts, against
+//! reference statistics of a data split (cached) or a published `.npz`, appended to `fid.csv`.
+use crate::data::idx::Split;
+use crate::data::source::{DataSet, SplitName};
+use crate::fid::{self, EvalSettings, FidRow, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec};
+use crate::rng::{self, Stream};
+use crate::run_dir::RunDir;
+use crate::sampling::Weights;
+use crate::train::{load_run_weights, ExperimentConfig};
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// `[eval]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    pub num_samples: usize,              // generated images per step count (state it with the number: not FID-50k)
+    #[serde(default)]
+    pub steps: Option<Vec<usize>>,       // default: sampling.steps
+    #[serde(default)]
+    pub reference: ReferenceConfig,      // default: the training data set's test split, all 10k images
+    #[serde(default)]
+    pub preprocess: Preprocess,          // pytorch_fid (default) | tf
+    #[serde(default = "yes")]
+    pub kid: bool,                       // also KID (unbiased; meaningful at small counts); default true
+    #[serde(default = "default_batch")]
+    pub batch: usize,                    // images per generation / Inception batch; default 100
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_batch() -> usize {
+    100
+}
+
+/// Where reference statistics come from.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceConfig {
+    #[serde(default)]
+    pub dataset: Option<DataSet>,        // default: the run's data set
+    #[serde(default)]
+    pub split: Option<SplitName>,        // default: test
+    #[serde(default)]
+    pub num_images: Option<usize>,       // default: the whole split
+    #[serde(default)]
+    pub npz: Option<PathBuf>,            // a published `mu`/`sigma` file instead (no KID then)
+}
+
+/// The reference for a run, computed (or read from the cache) with `inception`.
+pub fn reference(cfg: &ExperimentConfig, eval: &EvalConfig, inception: &Inception) -> Result<Reference> {
+    if let Some(npz) = &eval.reference.npz {
+        return Reference::from_npz(npz);
+    }
+    let dataset = eval.reference.dataset.unwrap_or(cfg.data.dataset);
+    let spec = SplitSpec {
+        dataset: dataset.name().parse::<RefDataset>()?,
+        split: match eval.reference.split.unwrap_or(SplitName::Test) {
+            SplitName::Train => Split::Train,
+            SplitName::Test => Split::Test,
+        },
+        num_images: eval.reference.num_images,
+    };
+    let (r, cached) = Reference::from_split(inception, &spec, &fid::default_cache_dir())?;
+    tracing::info!("reference statistics {} ({})", r.name, if cached { "cached" } else { "computed and cached" });
+    Ok(r)
+}
+
+/// Evaluates a trained run at `steps` with its `[sampling]` settings (and `weights`), appending to
+/// `<run>/fid.csv`. Noise and labels are fixed by (seed, chunk), so every step count sees the same
+/// inputs and a re-evaluation gives the same numbers.
+pub fn evaluate_run(run: &Path, cfg: &ExperimentConfig, eval: &EvalConfig, weights: Weights, steps: &[usize], device: Device) -> Result<Vec<FidRow>> {
+    let ck = crate::checkpoint::CheckpointDir::new(RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint to evaluate", run.display()))?;
+    let net = load_run_weights(run, &cfg.model, weights, device)?;
+    let inception = Inception::load(device, eval.preprocess)?.with_batch_size(eval.batch);
+    let reference = reference(cfg, eval, &inception)?;
+    let settings = EvalSettings { num_samples: eval.num_samples, generate_batch: eval.batch, kid: eval.kid.then(KidSettings::default) };
+    let setting = SampleSetting { train_step: ck.step, cfg_scale: cfg.sampling.cfg_scale, weights: weights.name().into() };
+    let shape = cfg.model.sample_shape();
+    let num_classes = cfg.data.num_classes();
+    let null = net.net.null_class();
+    let mut chunk = 0u64;
+    let mut last_steps = None;
+    let generate = |s: usize, n: usize| -> Result<Tensor> {
+        if last_steps != Some(s) {
+            (chunk, last_steps) = (0, Some(s));
+        }
+        rng::reseed(cfg.run.seed, chunk, Stream::Eval);
+        let mut full = vec![n as i64];
+        full.extend_from_slice(&shape);
+        let noise = Tensor::randn(full.as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
+        let start = chunk as i64 * n as i64;
+        let class = if num_classes > 0 { (Tensor::arange(n as i64, (Kind::Int64, device)) + start).remainder(num_classes) } else { Tensor::full([n as i64], null, (Kind::Int64, device)) };
+        chunk += 1;
+        Ok(cfg.sampling.generate(net.net.as_ref(), noise, &class, s).to_kind(Kind::Float))
+    };
+    ensure!(!steps.is_empty(), "no step counts to evaluate");
+    fid::evaluate_steps(&inception, &reference, steps, &setting, &settings, Some(&RunDir::new(run).fid_csv()), generate)
+}

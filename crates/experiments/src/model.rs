@@ -1,0 +1,74 @@
+//! `[model]`: which network a run trains, and a built network with its variables.
+use anyhow::{ensure, Result};
+use flowmap_core::VelocityField;
+use flowmap_models::{DitConfig, MlpConfig};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Tensor};
+
+/// The network, selected by `kind`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelConfig {
+    Dit(DitConfig),
+    Mlp(MlpConfig),
+}
+
+impl ModelConfig {
+    /// Classes the model embeds (0 = unconditional, only the null row).
+    pub fn num_classes(&self) -> i64 {
+        match self {
+            Self::Dit(c) => c.num_classes,
+            Self::Mlp(c) => c.num_classes,
+        }
+    }
+
+    /// Shape of one sample the network takes, e.g. [1, 32, 32] or [2].
+    pub fn sample_shape(&self) -> Vec<i64> {
+        match self {
+            Self::Dit(c) => vec![c.in_channels, c.input_size, c.input_size],
+            Self::Mlp(c) => vec![c.dim],
+        }
+    }
+
+    /// Builds the network on a fresh VarStore on `device`.
+    pub fn build(&self, device: Device) -> Result<Net> {
+        let vs = nn::VarStore::new(device);
+        let net: Box<dyn VelocityField> = match self {
+            Self::Dit(c) => Box::new(c.init(vs.root())?),
+            Self::Mlp(c) => Box::new(c.init(vs.root())?),
+        };
+        Ok(Net { vs, net })
+    }
+}
+
+/// A network and the VarStore that owns its variables.
+pub struct Net {
+    pub vs: nn::VarStore,
+    pub net: Box<dyn VelocityField>,
+}
+
+impl Net {
+    pub fn num_parameters(&self) -> i64 {
+        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    }
+
+    /// Named variables (sorted), for checkpoints.
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Copies named tensors into the variables; every variable must be present with its shape.
+    pub fn load_named(&mut self, tensors: &std::collections::BTreeMap<String, Tensor>, what: &str) -> Result<()> {
+        let vars = self.vs.variables();
+        for (name, var) in &vars {
+            let Some(src) = tensors.get(name) else { anyhow::bail!("{what}: no tensor `{name}` (checkpoint of another model?)") };
+            ensure!(src.size() == var.size(), "{what}: `{name}` has shape {:?}, the model has {:?}", src.size(), var.size());
+            tch::no_grad(|| var.shallow_clone().copy_(src));
+        }
+        let extra: Vec<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
+        ensure!(extra.is_empty(), "{what}: unexpected tensors {extra:?} (checkpoint of another model?)");
+        Ok(())
+    }
+}

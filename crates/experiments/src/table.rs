@@ -1,0 +1,173 @@
+//! `flowmap table SPEC.toml`: one run per objective, trained (or reused), evaluated at the same
+//! step counts, summarised as a Markdown + CSV table and a FID-vs-steps plot. The machine behind
+//! the demo and, at paper scale, behind Table 1.
+use crate::eval::{self, EvalConfig};
+use crate::fid::{read_fid_csv, FidRow};
+use crate::run_dir::RunDir;
+use crate::sampling::Weights;
+use crate::train::{self, Outcome, Resume, TrainOptions};
+use anyhow::{ensure, Context, Result};
+use serde::Deserialize;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The spec file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    pub table: TableHeader,
+    pub eval: EvalConfig,
+    pub rows: Vec<TableRow>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableHeader {
+    pub name: String,                // title of the table
+    pub out_dir: PathBuf,            // runs go to out_dir/<row label slug>; table and plot to out_dir
+    pub steps: Vec<usize>,           // sampling step counts evaluated for every row
+    #[serde(default)]
+    pub set: Vec<String>,            // --set overrides applied to every row (before the row's own)
+    #[serde(default)]
+    pub weights: Weights,            // ema (default) | online
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableRow {
+    pub label: String,               // row name, e.g. "MeanFlow (official)"
+    pub config: PathBuf,             // experiment file, relative to the spec file's folder or absolute
+    #[serde(default)]
+    pub set: Vec<String>,            // this row's overrides
+}
+
+/// What `run_table` produced.
+#[derive(Debug, Clone)]
+pub struct TableReport {
+    pub markdown: String,
+    pub markdown_path: PathBuf,
+    pub csv_path: PathBuf,
+    pub plot_png: PathBuf,
+    pub rows: Vec<(String, Vec<FidRow>)>,
+}
+
+fn slug(label: &str) -> String {
+    let s: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
+}
+
+/// Reads and checks a spec (every row's config must load).
+pub fn read_spec(path: &Path) -> Result<TableSpec> {
+    let (spec, _): (TableSpec, _) = crate::overrides::load(path, &[])?;
+    ensure!(!spec.rows.is_empty(), "{}: no [[rows]]", path.display());
+    ensure!(!spec.table.steps.is_empty(), "{}: table.steps is empty", path.display());
+    Ok(spec)
+}
+
+fn row_config(spec_path: &Path, spec: &TableSpec, row: &TableRow) -> Result<(train::ExperimentConfig, toml::Table, PathBuf)> {
+    let base = spec_path.parent().unwrap_or(Path::new("."));
+    let path = if row.config.is_absolute() { row.config.clone() } else { base.join(&row.config) };
+    let mut sets = spec.table.set.clone();
+    sets.extend(row.set.iter().cloned());
+    let (cfg, table) = train::load_config(&path, &sets).with_context(|| format!("row {:?}", row.label))?;
+    Ok((cfg, table, spec.table.out_dir.join(slug(&row.label))))
+}
+
+/// Trains every row (continuing unfinished runs), evaluates missing (step count) cells, and
+/// writes `table.md`, `table.csv`, `fid_vs_steps.{png,svg}` and `loss.{png,svg}` in out_dir.
+pub fn run_table(spec_path: &Path) -> Result<TableReport> {
+    let spec = read_spec(spec_path)?;
+    let configs: Vec<_> = spec.rows.iter().map(|r| row_config(spec_path, &spec, r)).collect::<Result<_>>()?;
+    std::fs::create_dir_all(&spec.table.out_dir).with_context(|| format!("creating {}", spec.table.out_dir.display()))?;
+    let mut results = Vec::new();
+    let mut timings = Vec::new();
+    for (row, (cfg, table, dir)) in spec.rows.iter().zip(&configs) {
+        tracing::info!("== {}: training {} ({} steps)", row.label, dir.display(), cfg.run.steps);
+        let t0 = Instant::now();
+        let opts = TrainOptions { run_dir: Some(dir.clone()), resume: Resume::Auto, ..Default::default() };
+        let summary = train::train(cfg, table, &opts)?;
+        ensure!(summary.outcome == Outcome::Finished, "{}: training stopped early", row.label);
+        let train_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let have: Vec<FidRow> = if RunDir::new(dir).fid_csv().exists() { read_fid_csv(&RunDir::new(dir).fid_csv())? } else { vec![] };
+        let matches = |r: &FidRow, s: usize| r.train_step == summary.step && r.nfe == s && r.num_samples == spec.eval.num_samples && r.weights == spec.table.weights.name() && r.preprocess == spec.eval.preprocess.name() && r.cfg_scale == cfg.sampling.cfg_scale;
+        let missing: Vec<usize> = spec.table.steps.iter().copied().filter(|&s| !have.iter().any(|r| matches(r, s))).collect();
+        let mut rows: Vec<FidRow> = have.iter().filter(|r| spec.table.steps.iter().any(|&s| matches(r, s))).cloned().collect();
+        if !missing.is_empty() {
+            tracing::info!("== {}: FID at steps {missing:?} ({} samples each)", row.label, spec.eval.num_samples);
+            rows.extend(eval::evaluate_run(dir, cfg, &spec.eval, spec.table.weights, &missing, cfg.run.device.device()?)?);
+        }
+        rows.sort_by_key(|r| r.nfe);
+        rows.dedup_by_key(|r| r.nfe);
+        timings.push((train_s, t1.elapsed().as_secs_f64()));
+        results.push((row.label.clone(), rows));
+    }
+    let out = &spec.table.out_dir;
+    let markdown = render_markdown(&spec, &results, &timings);
+    let markdown_path = out.join("table.md");
+    crate::checkpoint::write_atomic(&markdown_path, markdown.as_bytes())?;
+    let csv_path = out.join("table.csv");
+    crate::checkpoint::write_atomic(&csv_path, render_csv(&results).as_bytes())?;
+    let plot = crate::plot::fid_vs_nfe(&results, &out.join("fid_vs_steps"))?;
+    let loss_runs: Vec<(String, PathBuf)> = spec.rows.iter().zip(&configs).map(|(r, (_, _, dir))| (r.label.clone(), RunDir::new(dir).metrics())).collect();
+    crate::plot::loss_curves(&loss_runs, "loss", &out.join("loss"))?;
+    Ok(TableReport { markdown, markdown_path, csv_path, plot_png: plot.png, rows: results })
+}
+
+fn render_markdown(spec: &TableSpec, results: &[(String, Vec<FidRow>)], timings: &[(f64, f64)]) -> String {
+    let mut s = String::new();
+    let first = results.iter().flat_map(|(_, r)| r.first()).next();
+    let (n, reference, pre) = first.map(|r| (r.num_samples, r.ref_stats.clone(), r.preprocess.clone())).unwrap_or_default();
+    let _ = writeln!(s, "## {}\n", spec.table.name);
+    let _ = writeln!(s, "FID (lower is better) against `{reference}` from {n} generated images per cell ({pre} convention, {} weights). Small-sample FID is biased upwards; compare within this table only. KID ×10³ in parentheses (unbiased).\n", spec.table.weights.name());
+    let _ = write!(s, "| objective |");
+    for st in &spec.table.steps {
+        let _ = write!(s, " {st} step{} |", if *st == 1 { "" } else { "s" });
+    }
+    let _ = writeln!(s, " train s | eval s |");
+    let _ = writeln!(s, "|---|{}---|---|", "---|".repeat(spec.table.steps.len()));
+    for ((label, rows), (ts, es)) in results.iter().zip(timings) {
+        let _ = write!(s, "| {label} |");
+        for st in &spec.table.steps {
+            match rows.iter().find(|r| r.nfe == *st) {
+                Some(r) => {
+                    let _ = write!(s, " {:.1}{} |", r.fid, r.kid.map(|k| format!(" ({:.1})", k * 1e3)).unwrap_or_default());
+                }
+                None => {
+                    let _ = write!(s, " – |");
+                }
+            }
+        }
+        let _ = writeln!(s, " {ts:.0} | {es:.0} |");
+    }
+    s
+}
+
+fn render_csv(results: &[(String, Vec<FidRow>)]) -> String {
+    let mut s = String::from("objective,steps,fid,kid,num_samples,ref_stats,preprocess,train_step\n");
+    for (label, rows) in results {
+        for r in rows {
+            let _ = writeln!(s, "\"{}\",{},{},{},{},{},{},{}", label.replace('"', "\"\""), r.nfe, r.fid, r.kid.map(|k| k.to_string()).unwrap_or_default(), r.num_samples, r.ref_stats, r.preprocess, r.train_step);
+        }
+    }
+    s
+}
+
+/// `flowmap plot`: FID-vs-steps over several runs plus each run's loss curve.
+pub fn plot_runs(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut files = Vec::new();
+    let with_fid: Vec<PathBuf> = runs.iter().filter(|r| RunDir::new(r).fid_csv().exists()).cloned().collect();
+    if !with_fid.is_empty() {
+        let p = crate::plot::fid_vs_nfe_from_runs(&with_fid, &out.join("fid_vs_steps"))?;
+        files.extend([p.png, p.svg]);
+    }
+    let loss: Vec<(String, PathBuf)> = runs.iter().map(|r| (r.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), RunDir::new(r).metrics())).filter(|(_, m)| m.exists()).collect();
+    ensure!(!loss.is_empty() || !with_fid.is_empty(), "none of {runs:?} has metrics.jsonl or fid.csv");
+    if !loss.is_empty() {
+        let p = crate::plot::loss_curves(&loss, "loss", &out.join("loss"))?;
+        files.extend([p.png, p.svg]);
+    }
+    Ok(files)
+}
