@@ -231,3 +231,21 @@ fn fid_csv_round_trip() {
     std::fs::write(&other, "a,b\n1,2\n").unwrap();
     assert!(append_fid_csv(&other, &rows).is_err(), "a foreign header is not appended to");
 }
+
+/// Timing only (ignored by default): KID at the protocol size, 1000 samples against 10,000
+/// reference rows, 100 subsets of 1000. `cargo test --release -p flowmap-experiments --test
+/// fid_math -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn kid_cost_at_protocol_size() {
+    use flowmap_experiments::fid::KidReference;
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let reference = normal(&mut rng, 10_000, 2048).abs();
+    let samples = normal(&mut rng, 1000, 2048).abs();
+    let t = std::time::Instant::now();
+    let r = KidReference::new(&reference, 1000, &KidSettings::default()).unwrap();
+    let prep = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let kid = r.kid(&samples).unwrap();
+    eprintln!("KID 1000 vs 10000 (100 subsets of 1000, {} threads): reference side {prep:.1} s once, per sample set {:.1} s; {kid:?}", tch::get_num_threads(), t.elapsed().as_secs_f64());
+}
