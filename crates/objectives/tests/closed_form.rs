@@ -8,7 +8,8 @@ use flowmap_objectives::*;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
-// Forward-AD levels are process-global: tests that enter one must not overlap.
+// Forward-AD levels and the global generator are process-wide: these tests must not overlap
+// (the one_pass vs graph_free comparison reseeds and expects identical draws).
 static LEVEL: Mutex<()> = Mutex::new(());
 fn lock() -> std::sync::MutexGuard<'static, ()> {
     LEVEL.lock().unwrap_or_else(|e| e.into_inner())
@@ -62,6 +63,7 @@ fn assert_close(measured: f64, expected: f64, rel: f64, what: &str) {
 
 #[test]
 fn flow_matching_loss_equals_the_conditional_variance() {
+    let _g = lock();
     tch::manual_seed(1);
     let s = 1.0;
     let net = (exact_u(s), 0);
@@ -136,6 +138,7 @@ fn mean_flow_residuals_are_the_conditional_variance() {
 
 #[test]
 fn shortcut_self_consistency_residual_vanishes() {
+    let _g = lock();
     tch::manual_seed(4);
     let s = 1.0;
     let net = (exact_u(s), 0);
@@ -154,6 +157,7 @@ fn shortcut_self_consistency_residual_vanishes() {
 
 #[test]
 fn progressive_distillation_with_an_exact_teacher_has_zero_loss() {
+    let _g = lock();
     tch::manual_seed(5);
     let net = (exact_u(1.0), 0);
     let pd = ProgressiveConfig::new(10).build().unwrap();
@@ -167,6 +171,7 @@ fn progressive_distillation_with_an_exact_teacher_has_zero_loss() {
 
 #[test]
 fn ddpm_loss_with_the_exact_noise_prediction_is_the_posterior_variance() {
+    let _g = lock();
     tch::manual_seed(6);
     let (s, schedule) = (1.0, DdpmSchedule::default());
     // E[ε | x_n] = σ(x_n − α·mu)/(α²s² + σ²); residual variance α²s²/(α²s² + σ²) per element.
