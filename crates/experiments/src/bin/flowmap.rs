@@ -89,6 +89,9 @@ enum Command {
         /// Reference statistics from a published .npz (mu, sigma) instead of a data split.
         #[arg(long)]
         ref_npz: Option<PathBuf>,
+        /// Reference images: the first N of the split (default: [eval].reference or the whole split).
+        #[arg(long)]
+        ref_images: Option<usize>,
     },
     /// FID against steps for one or several runs, and their loss curves (PNG + SVG).
     Plot {
@@ -136,7 +139,7 @@ fn main() -> Result<()> {
             let out = sample::sample_run(&run, &cfg, &req, cfg.run.device.device()?)?;
             println!("samples in {}", out.display());
         }
-        Command::Fid { run, steps, num_samples, weights, tf, ref_npz } => {
+        Command::Fid { run, steps, num_samples, weights, tf, ref_npz, ref_images } => {
             let cfg = read_run_config(&run)?;
             let mut ev = cfg.eval.clone().unwrap_or(eval::EvalConfig { num_samples: 1000, steps: None, reference: Default::default(), preprocess: Default::default(), kid: true, batch: 100 });
             if let Some(n) = num_samples {
@@ -147,6 +150,9 @@ fn main() -> Result<()> {
             }
             if ref_npz.is_some() {
                 ev.reference.npz = ref_npz;
+            }
+            if ref_images.is_some() {
+                ev.reference.num_images = ref_images;
             }
             let steps = if steps.is_empty() { ev.steps.clone().unwrap_or(cfg.sampling.steps.clone()) } else { steps };
             let rows = eval::evaluate_run(&run, &cfg, &ev, weights.into(), &steps, cfg.run.device.device()?)?;
