@@ -12,7 +12,7 @@ build: setup
 	$(CARGO) build --release --workspace --bins
 
 demo: build
-	./target/release/flowmap demo
+	./target/release/flowmap table experiments/demo_mnist.toml
 
 test: setup
 	$(CARGO) test --release --workspace
