@@ -41,6 +41,24 @@ impl Order {
         self.pos
     }
 
+    /// The next `n` batches, without moving (what a prefetching reader decodes ahead).
+    pub fn peek(&self, n: usize) -> Vec<Vec<i64>> {
+        let mut pos = self.pos;
+        let mut perm: Option<Vec<i64>> = None;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            if pos.cursor >= self.batches_per_epoch() {
+                pos = DataPosition { epoch: pos.epoch + 1, cursor: 0 };
+                perm = Some(permutation(self.len, self.seed, pos.epoch));
+            }
+            let p = perm.as_ref().unwrap_or(&self.perm);
+            let start = pos.cursor as usize * self.batch_size;
+            pos.cursor += 1;
+            out.push(p[start..start + self.batch_size].to_vec());
+        }
+        out
+    }
+
     /// The next batch of indices.
     pub fn next_batch(&mut self) -> Vec<i64> {
         if self.pos.cursor >= self.batches_per_epoch() {

@@ -15,6 +15,11 @@ pub enum Stream {
     Grid = 4,
     /// Evaluation samples (FID).
     Eval = 5,
+    /// Data augmentation (horizontal flips), a pure function of (seed, step) so a prefetching
+    /// thread can draw it ahead of the loop.
+    Augment = 6,
+    /// The posterior sample of cached latents, x = (mean + std·eps)·scale.
+    Latent = 7,
 }
 
 /// SplitMix64 finaliser: a bijective mix with good avalanche.

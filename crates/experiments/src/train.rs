@@ -223,6 +223,7 @@ impl ExperimentConfig {
         ensure!(self.run.steps >= 1, "run.steps must be >= 1");
         ensure!(self.run.batch_size >= 1, "run.batch_size must be >= 1");
         ensure!(self.run.log_every >= 1, "run.log_every must be >= 1");
+        self.data.validate()?;
         ensure!(
             self.model.num_classes() == self.data.num_classes(),
             "model.num_classes = {} but the data has {} classes (data.conditional = {}); set model.num_classes = {}",
@@ -232,8 +233,8 @@ impl ExperimentConfig {
             self.data.num_classes()
         );
         let shape = self.model.sample_shape();
-        let data_shape = self.data.dataset.shape().to_vec();
-        ensure!(shape == data_shape, "the model takes samples of shape {shape:?} but {} images are {data_shape:?} (set model.in_channels / model.input_size)", self.data.dataset.name());
+        let data_shape = self.data.sample_shape();
+        ensure!(shape == data_shape, "the model takes samples of shape {shape:?} but {} samples are {data_shape:?} (set model.in_channels / model.input_size)", self.data.dataset.name());
         self.sampling.validate()?;
         let objective = self.objective.build_for_batch(self.run.batch_size)?;
         ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", objective_kind(&self.objective));
@@ -285,9 +286,8 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
     rng::reseed(cfg.run.seed, 0, Stream::Init);
     let mut online = cfg.model.build(device)?;
     let null_class = online.net.null_class();
-    let data = cfg.data.load(null_class)?;
-    let (x_all, class_all) = (data.images, data.labels);
-    tracing::info!("{} {:?}: {} images; model {} parameters on {:?}", cfg.data.dataset.name(), cfg.data.split, x_all.size()[0], online.num_parameters(), device);
+    let mut data = cfg.data.open(null_class, cfg.run.seed, false)?;
+    tracing::info!("{}; model {} parameters on {:?}", data.describe(), online.num_parameters(), device);
 
     // Teacher, EMA, optimizer.
     let mut teacher: Option<Net> = match &cfg.teacher {
@@ -324,7 +324,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         return Ok(Summary { run_dir: run.root.clone(), step: state.step, outcome: Outcome::Finished, skipped_steps: state.skipped_steps, last_loss: None });
     }
 
-    let mut order = Order::new(x_all.size()[0] as usize, cfg.run.batch_size as usize, cfg.run.seed, state.data)?;
+    let mut order = Order::new(data.len(), cfg.run.batch_size as usize, cfg.run.seed, state.data)?;
     let mut metrics = MetricsWriter::open(&run.metrics(), resume_from.as_ref().map(|c| c.step))?;
     let mut tb = EventWriter::create(&run.tensorboard())?;
     let (grid_noise, grid_class) = fixed_inputs(cfg.run.seed, cfg.sampling.grid_images, &cfg.model.sample_shape(), cfg.data.num_classes(), null_class, device);
@@ -356,9 +356,13 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
             t.vs.copy(&online.vs)?;
             tracing::info!("step {step}: teacher refreshed from the online weights");
         }
+        let idx = order.next_batch();
+        if data.prefetch_depth() > 0 {
+            data.prefetch(step + 1, &order.peek(data.prefetch_depth()));
+        }
+        let (x, class) = data.batch(&idx, step, device)?;
         rng::reseed(cfg.run.seed, step, Stream::Train);
-        let idx = Tensor::from_slice(&order.next_batch());
-        let batch = Batch::new(x_all.index_select(0, &idx).to_device(device), class_all.index_select(0, &idx).to_device(device));
+        let batch = Batch::new(x, class);
         let nets = Nets { online: online.net.as_ref(), ema: ema_net.as_ref(), teacher: teacher.as_ref().map(|t| t.net.as_ref()) };
         let mut loss = objective.loss(nets, &batch, step);
         if opts.inject_nan_at.contains(&step) {
@@ -431,6 +435,9 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         }
     }
     progress.finish();
+    if data.skipped() > 0 {
+        tracing::warn!("{} unreadable image files were skipped (each replaced by the next readable index)", data.skipped());
+    }
     if outcome == Outcome::Interrupted {
         state.train_time_s = base_time + clock.elapsed().as_secs_f64();
         save(&state, &online, &ema, &opt, &teacher)?;
