@@ -1,6 +1,7 @@
 //! `[eval]` and `flowmap fid`: FID (and KID) of a trained run at a list of step counts, against
 //! reference statistics of a data split (cached) or a published `.npz`, appended to `fid.csv`.
 use crate::data::idx::Split;
+use crate::data::image_folder::{load_batch, ImageFolder, Layout, SkipLog};
 use crate::data::source::{DataSet, SplitName};
 use crate::fid::{self, EvalSettings, FidRow, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec};
 use crate::rng::{self, Stream};
@@ -47,13 +48,22 @@ pub struct ReferenceConfig {
     #[serde(default)]
     pub num_images: Option<usize>,       // default: the whole split
     #[serde(default)]
-    pub npz: Option<PathBuf>,            // a published `mu`/`sigma` file instead (no KID then)
+    pub npz: Option<PathBuf>,            // a published `mu`/`sigma` file instead (no KID then); ${VAR} expanded
+    #[serde(default)]
+    pub folder: Option<String>,          // an image folder instead (ADM center crop at data.image_size); default for
+                                         // image_folder/latents runs: data.path / the latents' source folder
+    #[serde(default)]
+    pub layout: Option<crate::data::image_folder::Layout>, // of `folder`; default class_folders
 }
 
 /// The reference for a run, computed (or read from the cache) with `inception`.
 pub fn reference(cfg: &ExperimentConfig, eval: &EvalConfig, inception: &Inception) -> Result<Reference> {
     if let Some(npz) = &eval.reference.npz {
-        return Reference::from_npz(npz);
+        let npz = PathBuf::from(crate::data::source::expand_env(&npz.display().to_string()).context("eval.reference.npz")?);
+        return Reference::from_npz(&npz);
+    }
+    if let Some((root, layout)) = reference_folder(cfg, eval)? {
+        return folder_reference(inception, &root, layout, cfg.data.image_size() as u32, eval.reference.num_images);
     }
     let dataset = eval.reference.dataset.unwrap_or(cfg.data.dataset);
     let spec = SplitSpec {
@@ -66,6 +76,61 @@ pub fn reference(cfg: &ExperimentConfig, eval: &EvalConfig, inception: &Inceptio
     };
     let (r, cached) = Reference::from_split(inception, &spec, &fid::default_cache_dir())?;
     tracing::info!("reference statistics {} ({})", r.name, if cached { "cached" } else { "computed and cached" });
+    Ok(r)
+}
+
+/// The image folder reference statistics come from, if any: `eval.reference.folder`, else the run's
+/// image folder or the source folder of its latents.
+fn reference_folder(cfg: &ExperimentConfig, eval: &EvalConfig) -> Result<Option<(PathBuf, Layout)>> {
+    use crate::data::source::expand_env;
+    if let Some(f) = &eval.reference.folder {
+        return Ok(Some((PathBuf::from(expand_env(f).context("eval.reference.folder")?), eval.reference.layout.unwrap_or(Layout::ClassFolders))));
+    }
+    if eval.reference.dataset.is_some_and(|d| d.is_builtin()) {
+        return Ok(None);
+    }
+    Ok(match cfg.data.dataset {
+        DataSet::ImageFolder => Some((cfg.data.resolved_path()?, cfg.data.layout.unwrap_or(Layout::ClassFolders))),
+        DataSet::Latents => {
+            let m = crate::data::latents::LatentReader::open(&cfg.data.resolved_path()?, false, false, 0, None)?.manifest;
+            Some((PathBuf::from(&m.source), m.layout))
+        }
+        _ => None,
+    })
+}
+
+/// Reference statistics of an image folder (ADM center crop at `size`, no flips), from
+/// `num_images` evenly spaced files of the sorted listing (default all); unreadable files are
+/// skipped. Cached by listing sha256, size, count, convention and Inception weights.
+pub fn folder_reference(inception: &Inception, root: &Path, layout: Layout, size: u32, num_images: Option<usize>) -> Result<Reference> {
+    let folder = ImageFolder::scan(root, layout)?;
+    let n = num_images.unwrap_or(folder.len());
+    ensure!((2..=folder.len()).contains(&n), "{}: asked for {n} reference images, the folder has {}", root.display(), folder.len());
+    let identity = format!("folder:{}:{}:{size}:adm_center_crop", folder.listing_sha256(), folder.len());
+    let key = fid::stats_cache_key(&identity, n, inception.preprocess(), inception.weights_sha256());
+    let name = format!("{}-{size}", root.file_name().and_then(|f| f.to_str()).unwrap_or("folder"));
+    let cache = fid::default_cache_dir().join(format!("{name}-{}-{}.npz", inception.preprocess().name(), &key[..16]));
+    if cache.exists() {
+        let mut r = Reference::from_npz(&cache)?;
+        r.name = format!("{name} ({n} images)");
+        r.preprocess = Some(inception.preprocess());
+        tracing::info!("reference statistics {} (cached)", cache.display());
+        return Ok(r);
+    }
+    let picks: Vec<i64> = (0..n).map(|i| (i * folder.len() / n) as i64).collect();
+    let skips = SkipLog::default();
+    let mut feats = vec![];
+    for chunk in picks.chunks(inception.batch_size().max(1)) {
+        let b = load_batch(&folder, chunk, &vec![false; chunk.len()], size, &skips)?;
+        let (x, _) = b.to_tensors(size as i64, Device::Cpu);
+        feats.push(inception.features(&x)?);
+    }
+    if skips.count() > 0 {
+        tracing::warn!("{} unreadable reference images replaced by their next readable neighbour", skips.count());
+    }
+    let r = Reference::from_features(format!("{name} ({n} images)"), Some(inception.preprocess()), Tensor::cat(&feats, 0))?;
+    std::fs::create_dir_all(fid::default_cache_dir()).ok();
+    r.write_npz(&cache)?;
     Ok(r)
 }
 
@@ -82,6 +147,11 @@ pub fn evaluate_run(run: &Path, cfg: &ExperimentConfig, eval: &EvalConfig, weigh
     let shape = cfg.model.sample_shape();
     let num_classes = cfg.data.num_classes();
     let null = net.net.null_class();
+    // Latent-space runs: decode with the VAE before the Inception network.
+    let vae = match crate::vae_section::for_run(&cfg.vae, &cfg.data) {
+        Some(v) => Some(v.load(device)?),
+        None => None,
+    };
     let mut chunk = 0u64;
     let mut last_steps = None;
     let generate = |s: usize, n: usize| -> Result<Tensor> {
@@ -95,7 +165,11 @@ pub fn evaluate_run(run: &Path, cfg: &ExperimentConfig, eval: &EvalConfig, weigh
         let start = chunk as i64 * n as i64;
         let class = if num_classes > 0 { (Tensor::arange(n as i64, (Kind::Int64, device)) + start).remainder(num_classes) } else { Tensor::full([n as i64], null, (Kind::Int64, device)) };
         chunk += 1;
-        Ok(cfg.sampling.generate(net.net.as_ref(), noise, &class, s).to_kind(Kind::Float))
+        let x = cfg.sampling.generate(net.net.as_ref(), noise, &class, s).to_kind(Kind::Float);
+        Ok(match &vae {
+            Some(v) => flowmap_models::vae::decode_for_fid(v, &x),
+            None => x,
+        })
     };
     ensure!(!steps.is_empty(), "no step counts to evaluate");
     fid::evaluate_steps(&inception, &reference, steps, &setting, &settings, Some(&RunDir::new(run).fid_csv()), generate)

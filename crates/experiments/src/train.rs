@@ -41,6 +41,8 @@ pub struct ExperimentConfig {
     pub teacher: Option<TeacherConfig>,
     #[serde(default)]
     pub eval: Option<crate::eval::EvalConfig>,
+    #[serde(default)]
+    pub vae: Option<crate::vae_section::VaeSection>,
 }
 
 /// `[run]`.
@@ -327,6 +329,11 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
     let mut order = Order::new(data.len(), cfg.run.batch_size as usize, cfg.run.seed, state.data)?;
     let mut metrics = MetricsWriter::open(&run.metrics(), resume_from.as_ref().map(|c| c.step))?;
     let mut tb = EventWriter::create(&run.tensorboard())?;
+    // Latent-space runs decode their sample grids with the VAE.
+    let grid_vae = match crate::vae_section::for_run(&cfg.vae, &cfg.data) {
+        Some(v) => Some(v.load(device)?),
+        None => None,
+    };
     let (grid_noise, grid_class) = fixed_inputs(cfg.run.seed, cfg.sampling.grid_images, &cfg.model.sample_shape(), cfg.data.num_classes(), null_class, device);
     let mut progress = Progress::new(state.step, cfg.run.steps, &cfg.run.name);
     let start_step = state.step;
@@ -425,7 +432,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
                 Weights::Ema => ema_net.as_ref(),
                 Weights::Online => online.net.as_ref(),
             };
-            write_grids(&cfg.sampling, net, &grid_noise, &grid_class, &run, step, &mut tb)?;
+            write_grids(&cfg.sampling, net, &grid_noise, &grid_class, &run, step, &mut tb, grid_vae.as_ref())?;
             progress.pause_done();
         }
         if (cfg.run.checkpoint_every > 0 && step % cfg.run.checkpoint_every == 0) || end {
@@ -462,9 +469,14 @@ fn load_into_vs(vs: &mut tch::nn::VarStore, tensors: &std::collections::BTreeMap
 }
 
 /// Sample grids at every configured step count: `samples/step_XXXXXXX_stepsN.png` and TensorBoard.
-pub fn write_grids(cfg: &SamplingConfig, net: &dyn VelocityField, noise: &Tensor, class: &Tensor, run: &RunDir, step: u64, tb: &mut EventWriter) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn write_grids(cfg: &SamplingConfig, net: &dyn VelocityField, noise: &Tensor, class: &Tensor, run: &RunDir, step: u64, tb: &mut EventWriter, vae: Option<&flowmap_models::vae::Vae>) -> Result<()> {
     for &steps in &cfg.steps {
         let x = cfg.generate(net, noise.shallow_clone(), class, steps).to_kind(Kind::Float);
+        let x = match vae {
+            Some(v) => flowmap_models::vae::decode_for_fid(v, &x),
+            None => x,
+        };
         let path = run.samples().join(format!("step_{step:07}_steps{steps}.png"));
         crate::image_grid::save_grid(&x, &path)?;
         let (png, h, w, c) = crate::image_grid::grid_png(&x)?;

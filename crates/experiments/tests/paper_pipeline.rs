@@ -107,3 +107,233 @@ fn latents_resume_skips_verified_shards_and_gives_the_same_manifest() {
     assert!(!x0.equal(&x2));
     assert_eq!(Vec::<i64>::try_from(&c0).unwrap(), vec![0, 1, 0]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// With a tiny random VAE (f = 8, like sd-vae-ft-mse, but 8 channels per level and one resnet).
+
+use flowmap_models::vae::{Vae, VaeConfig};
+use std::process::Command;
+
+/// The tiny VAE's architecture, as `--set` overrides of a config's `[vae.arch]`.
+const TINY_VAE_SETS: [&str; 3] = ["vae.arch.block_out_channels=[8, 8, 8, 8]", "vae.arch.layers_per_block=1", "vae.arch.norm_num_groups=4"];
+const TINY_VAE_TOML: &str = "block_out_channels = [8, 8, 8, 8]\nlayers_per_block = 1\nnorm_num_groups = 4\n";
+
+fn tiny_vae_config() -> VaeConfig {
+    VaeConfig { block_out_channels: vec![8, 8, 8, 8], layers_per_block: 1, norm_num_groups: 4, ..VaeConfig::default() }
+}
+
+fn write_tiny_vae(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let weights = dir.join("tiny_vae.safetensors");
+    Vae::random(&tiny_vae_config(), Device::Cpu, 0).unwrap().save(&weights).unwrap();
+    let arch = dir.join("tiny_vae.toml");
+    std::fs::write(&arch, TINY_VAE_TOML).unwrap();
+    (weights, arch)
+}
+
+fn flowmap(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowmap")).args(args).env("FLOWMAP_LOG", "warn").output().unwrap();
+    assert!(out.status.success(), "flowmap {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn paper_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/paper").canonicalize().unwrap()
+}
+
+fn paper_configs() -> Vec<std::path::PathBuf> {
+    let mut v = vec![];
+    for sub in ["shortcut_imagenet256", "shortcut_celebahq256", "meanflow_imagenet256"] {
+        for e in std::fs::read_dir(paper_dir().join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                v.push(p);
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Every paper config against fake ImageNet / CelebA-HQ latents (256² crops of a generated class
+/// folder and flat folder, encoded with the tiny random VAE): parse, build the model, verify the
+/// shards, read a batch, load the VAE and match it with the manifest. The fake ImageNet has 2
+/// classes, so the ImageNet configs run with data/model.num_classes = 2 (and without that override
+/// the dry run fails naming the class count).
+#[test]
+fn dry_run_of_every_paper_config_against_fake_data() {
+    init();
+    let t0 = std::time::Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let (weights, arch) = write_tiny_vae(dir.path());
+    paper_support::class_folder(&dir.path().join("imagenet/train"), 2, 2, 260);
+    paper_support::flat_folder(&dir.path().join("celebahq"), 3, 256);
+    let latents = dir.path().join("latents");
+    for (src, layout, name) in [("imagenet/train", "class-folders", "imagenet256"), ("celebahq", "flat", "celebahq256")] {
+        let src = dir.path().join(src);
+        let out = latents.join(name);
+        flowmap(&["latents", "--source", src.to_str().unwrap(), "--layout", layout, "--out", out.to_str().unwrap(), "--vae", weights.to_str().unwrap(), "--vae-arch", arch.to_str().unwrap(), "--shard-size", "2", "--batch", "2", "--device", "cpu", "--workers", "2"]);
+    }
+    std::env::set_var("FLOWMAP_LATENTS", &latents);
+    std::env::set_var("FLOWMAP_SD_VAE", &weights);
+    let configs = paper_configs();
+    assert_eq!(configs.len(), 18, "7 Shortcut rows × 2 data sets + 4 MeanFlow sizes");
+    let mut forwarded = false;
+    for path in &configs {
+        let imagenet = path.to_str().unwrap().contains("imagenet");
+        let mut sets: Vec<String> = TINY_VAE_SETS.iter().map(|s| s.to_string()).collect();
+        if imagenet {
+            sets.extend(["data.num_classes=2".into(), "model.num_classes=2".into()]);
+        }
+        let (cfg, _) = flowmap_experiments::train::load_config(path, &sets).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        // One forward pass (B/2 Shortcut on ImageNet); the others only build the model.
+        let forward = !forwarded && path.ends_with("shortcut_imagenet256/shortcut.toml");
+        forwarded |= forward;
+        let r = flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward }).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        assert_eq!(r.data_len, if imagenet { 4 } else { 3 }, "{}", path.display());
+        assert!(r.lines.iter().any(|l| l.starts_with("vae:")), "{}", path.display());
+        eprintln!("{}: {} parameters; {} warnings", path.strip_prefix(paper_dir()).unwrap().display(), r.parameters, r.warnings.len());
+    }
+    assert!(forwarded);
+    // The real class count is checked against the data.
+    let (cfg, _) = flowmap_experiments::train::load_config(&paper_dir().join("shortcut_imagenet256/flow_matching.toml"), &TINY_VAE_SETS.map(String::from)).unwrap();
+    let err = format!("{:#}", flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward: false }).unwrap_err());
+    assert!(err.contains("num_classes = 1000") && err.contains("2 classes"), "{err}");
+    // A VAE other than the one the latents were made with is refused.
+    let other = dir.path().join("other_vae.safetensors");
+    Vae::random(&tiny_vae_config(), Device::Cpu, 1).unwrap().save(&other).unwrap();
+    let mut sets: Vec<String> = TINY_VAE_SETS.map(String::from).to_vec();
+    sets.push(format!("vae.weights={:?}", other.display().to_string()));
+    let (cfg, _) = flowmap_experiments::train::load_config(&paper_dir().join("shortcut_celebahq256/shortcut.toml"), &sets).unwrap();
+    let err = format!("{:#}", flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward: false }).unwrap_err());
+    assert!(err.contains("not the weights the latents were encoded with"), "{err}");
+    // The table specs parse and name existing configs.
+    for spec in ["table_shortcut_imagenet256.toml", "table_shortcut_celebahq256.toml", "table_meanflow_imagenet256.toml"] {
+        let s = flowmap_experiments::table::read_spec(&paper_dir().join(spec)).unwrap();
+        for row in &s.rows {
+            assert!(paper_dir().join(&row.config).is_file(), "{spec}: {}", row.config.display());
+        }
+    }
+    eprintln!("dry runs of {} configs in {:.1} s", configs.len(), t0.elapsed().as_secs_f64());
+}
+
+/// folder (16 images of 64², 2 classes) → `flowmap latents` (tiny random VAE, f = 8: 4×8×8) →
+/// `flowmap train` (4 steps of a tiny DiT on the latents, grids decoded by the VAE) → `flowmap fid`
+/// (sampling, decode, Inception; reference statistics from the same folder, 8 images; 4 samples).
+#[test]
+fn full_pipeline_folder_latents_train_sample_decode_fid() {
+    init();
+    let t0 = std::time::Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let (weights, arch) = write_tiny_vae(dir.path());
+    let src = dir.path().join("images");
+    paper_support::class_folder(&src, 2, 8, 64);
+    let lat = dir.path().join("latents");
+    let t_enc = std::time::Instant::now();
+    let out = flowmap(&["latents", "--source", src.to_str().unwrap(), "--out", lat.to_str().unwrap(), "--vae", weights.to_str().unwrap(), "--vae-arch", arch.to_str().unwrap(), "--image-size", "64", "--shard-size", "8", "--batch", "8", "--device", "cpu", "--workers", "2"]);
+    let enc_s = t_enc.elapsed().as_secs_f64();
+    eprintln!("{out}latents command: 16 images (+16 flipped) in {enc_s:.2} s wall = {:.1} img/s end to end", 16.0 / enc_s);
+    let m = Manifest::read(&lat.join("manifest.json")).unwrap();
+    assert!(m.complete);
+    assert_eq!((m.num_rows(), m.shards.len(), m.latent_shape.clone()), (16, 2, vec![4, 8, 8]));
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[run]
+name = "pipeline"
+steps = 4
+batch_size = 8
+device = "cpu"
+threads = 1
+log_every = 1
+out_dir = "{runs}"
+
+[data]
+dataset = "latents"
+path = "{lat}"
+conditional = true
+num_classes = 2
+image_size = 64
+
+[vae]
+weights = "{weights}"
+[vae.arch]
+{TINY_VAE_TOML}
+[model]
+kind = "dit"
+depth = 1
+hidden_size = 32
+num_heads = 2
+patch_size = 2
+in_channels = 4
+input_size = 8
+num_classes = 2
+
+[objective]
+kind = "flow_matching"
+
+[optimizer]
+lr = 1e-3
+
+[sampling]
+rule = "euler"
+steps = [1, 2]
+grid_images = 4
+
+[eval]
+num_samples = 4
+batch = 4
+kid = false
+[eval.reference]
+num_images = 8
+"#,
+            runs = dir.path().join("runs").display(),
+            lat = lat.display(),
+            weights = weights.display()
+        ),
+    )
+    .unwrap();
+    let dry = flowmap(&["train", config.to_str().unwrap(), "--dry-run"]);
+    assert!(dry.contains("dry run passed") && dry.contains("forward:"), "{dry}");
+    flowmap(&["train", config.to_str().unwrap()]);
+    let run = dir.path().join("runs/pipeline");
+    let losses: Vec<f64> = flowmap_experiments::metrics::read(&run.join("metrics.jsonl")).unwrap().iter().map(|r| r["loss"].as_f64().unwrap()).collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses.iter().all(|l| l.is_finite()));
+    for s in [1, 2] {
+        let grid = run.join(format!("samples/step_0000004_steps{s}.png"));
+        let img = image::open(&grid).unwrap();
+        assert!(img.width() >= 128 && img.height() >= 128 && img.color().channel_count() == 3, "decoded RGB grid of 64² images {}: {}x{}", grid.display(), img.width(), img.height());
+    }
+    let fid = flowmap(&["fid", "--run", run.to_str().unwrap(), "--steps", "1,2"]);
+    let rows = flowmap_experiments::fid::read_fid_csv(&run.join("fid.csv")).unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert!(r.fid.is_finite() && r.fid >= 0.0, "{fid}");
+        assert_eq!(r.num_samples, 4);
+    }
+    eprintln!("{fid}FID (4 samples vs 8 reference images): {:?}; pipeline in {:.1} s", rows.iter().map(|r| (r.nfe, r.fid)).collect::<Vec<_>>(), t0.elapsed().as_secs_f64());
+}
+
+/// Encode throughput of `flowmap latents` with the sd-vae-ft-mse architecture (random weights) on
+/// 256² crops, CPU. Ignored (tens of seconds): `cargo test --release -p flowmap-experiments --test
+/// paper_pipeline encode_throughput -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn encode_throughput_sd_vae_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("sd_vae_random.safetensors");
+    Vae::random(&VaeConfig::default(), Device::Cpu, 0).unwrap().save(&weights).unwrap();
+    let src = dir.path().join("images");
+    paper_support::class_folder(&src, 2, 4, 300);
+    for flip in [false, true] {
+        let out = dir.path().join(format!("latents_{flip}"));
+        let mut args = vec!["latents", "--source", src.to_str().unwrap(), "--out", out.to_str().unwrap(), "--vae", weights.to_str().unwrap(), "--batch", "4", "--device", "cpu"];
+        if !flip {
+            args.push("--no-flip");
+        }
+        let t = std::time::Instant::now();
+        let s = flowmap(&args);
+        eprintln!("{s}wall {:.1} s for 8 images (flip {flip}), {:.2} img/s end to end", t.elapsed().as_secs_f64(), 8.0 / t.elapsed().as_secs_f64());
+    }
+}

@@ -34,6 +34,25 @@ impl From<WeightsArg> for flowmap_experiments::sampling::Weights {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LayoutArg {
+    ClassFolders,
+    Flat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F16,
+    F32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train from a TOML experiment file.
@@ -51,6 +70,51 @@ enum Command {
         /// Stop (with a checkpoint) after this many steps of this invocation.
         #[arg(long)]
         max_steps: Option<u64>,
+        /// Check the config, model, data (and latents checksums) and VAE weights; do not train.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: skip the one forward pass of the model (slow on the CPU for XL/2).
+        #[arg(long, requires = "dry_run")]
+        no_forward: bool,
+    },
+    /// Encode an image folder once into SD-VAE latent shards (posterior mean and std); resumes.
+    Latents {
+        /// Image folder (ImageNet train layout or a flat folder).
+        #[arg(long)]
+        source: PathBuf,
+        #[arg(long, value_enum, default_value = "class-folders")]
+        layout: LayoutArg,
+        /// Output folder (shards + manifest.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// VAE weights (diffusers diffusion_pytorch_model.safetensors); default $FLOWMAP_SD_VAE.
+        #[arg(long)]
+        vae: Option<PathBuf>,
+        /// A TOML file of VaeConfig fields (default: sd-vae-ft-mse).
+        #[arg(long)]
+        vae_arch: Option<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        image_size: u32,
+        /// Storage precision of mean and std.
+        #[arg(long, value_enum, default_value = "f16")]
+        dtype: DtypeArg,
+        /// Do not also encode the horizontally flipped images.
+        #[arg(long)]
+        no_flip: bool,
+        /// Source images per shard.
+        #[arg(long, default_value_t = 10000)]
+        shard_size: usize,
+        /// Images per VAE forward.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Decode threads (default: all cores).
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+        /// Stop after this many new shards (the next call resumes).
+        #[arg(long)]
+        max_shards: Option<usize>,
     },
     /// Sample images from a run at several step counts (PNG grids + safetensors).
     Sample {
@@ -118,8 +182,14 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
 fn main() -> Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
     match Cli::parse().command {
-        Command::Train { config, set, resume, run_dir, max_steps } => {
+        Command::Train { config, set, resume, run_dir, max_steps, dry_run, no_forward } => {
             let (cfg, table) = train::load_config(&config, &set)?;
+            if dry_run {
+                let report = flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward: !no_forward })?;
+                print!("{}", report.render());
+                println!("{}: dry run passed", config.display());
+                return Ok(());
+            }
             let opts = train::TrainOptions {
                 run_dir,
                 resume: match resume {
@@ -171,6 +241,54 @@ fn main() -> Result<()> {
             let report = table::run_table(&spec)?;
             println!("{}", report.markdown);
             println!("table: {}\nplot: {}", report.markdown_path.display(), report.plot_png.display());
+        }
+        Command::Latents { source, layout, out, vae, vae_arch, image_size, dtype, no_flip, shard_size, batch, workers, device, max_shards } => {
+            use flowmap_experiments::data::{image_folder::Layout, latents};
+            let arch: flowmap_models::vae::VaeConfig = match &vae_arch {
+                Some(p) => flowmap_experiments::overrides::load(p, &[])?.0,
+                None => Default::default(),
+            };
+            let section = flowmap_experiments::vae_section::VaeSection { weights: vae.map(|p| p.display().to_string()), arch };
+            let device = match device {
+                DeviceArg::Auto => tch::Device::cuda_if_available(),
+                DeviceArg::Cpu => tch::Device::Cpu,
+                DeviceArg::Cuda => tch::Device::Cuda(0),
+            };
+            let model = section.load(device)?;
+            let shape = model.config().latent_shape(image_size as i64, image_size as i64).to_vec();
+            let opts = latents::EncodeOptions {
+                source,
+                layout: match layout {
+                    LayoutArg::ClassFolders => Layout::ClassFolders,
+                    LayoutArg::Flat => Layout::Flat,
+                },
+                out,
+                image_size,
+                dtype: match dtype {
+                    DtypeArg::F16 => latents::LatentDtype::F16,
+                    DtypeArg::F32 => latents::LatentDtype::F32,
+                },
+                flip: !no_flip,
+                shard_size,
+                batch,
+                workers: workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+                max_new_shards: max_shards,
+            };
+            let mut encode = |x: &tch::Tensor| -> Result<(tch::Tensor, tch::Tensor)> { Ok(model.encode_moments(&x.to_device(device))) };
+            let r = latents::encode_folder(&opts, section.identity()?, shape, &mut encode)?;
+            let per_s = r.encoded_images as f64 * if opts.flip { 2.0 } else { 1.0 } / r.seconds.max(1e-9);
+            println!(
+                "{}: {} latents in {} shards ({} encoded now, {} verified and skipped), {} unreadable files skipped; {} images encoded in {:.3} s ({per_s:.1} VAE encodes/s incl. flips, decoding included){}",
+                opts.out.join(latents::MANIFEST).display(),
+                r.manifest.num_rows(),
+                r.manifest.shards.len(),
+                r.encoded_shards,
+                r.verified_shards,
+                r.manifest.skipped.len(),
+                r.encoded_images,
+                r.seconds,
+                if r.complete { "" } else { "; NOT complete: run the same command again to continue" }
+            );
         }
         Command::Doctor => print!("{}", flowmap_experiments::doctor::report()?),
     }

@@ -241,12 +241,12 @@ pub fn encode_folder(opts: &EncodeOptions, vae: VaeIdentity, latent_shape: Vec<i
                 let s = opts.image_size as i64;
                 let x = Tensor::from_slice(&b).reshape([used.len() as i64, 3, s, s]).to_kind(Kind::Float) / 127.5 - 1.0;
                 let (m, sd) = tch::no_grad(|| encode(&x))?;
-                means.push(m.to_device(Device::Cpu).to_kind(opts.dtype.kind()));
-                stds.push(sd.to_device(Device::Cpu).to_kind(opts.dtype.kind()));
+                means.push(m.to_device(Device::Cpu).to_kind(opts.dtype.kind()).contiguous());
+                stds.push(sd.to_device(Device::Cpu).to_kind(opts.dtype.kind()).contiguous());
                 if opts.flip {
                     let (m, sd) = tch::no_grad(|| encode(&x.flip([3])))?;
-                    fmeans.push(m.to_device(Device::Cpu).to_kind(opts.dtype.kind()));
-                    fstds.push(sd.to_device(Device::Cpu).to_kind(opts.dtype.kind()));
+                    fmeans.push(m.to_device(Device::Cpu).to_kind(opts.dtype.kind()).contiguous());
+                    fstds.push(sd.to_device(Device::Cpu).to_kind(opts.dtype.kind()).contiguous());
                 }
                 labels.extend(used.iter().map(|&u| folder.labels[u]));
                 indices.extend(used.iter().map(|&u| u as i64));
@@ -262,7 +262,7 @@ pub fn encode_folder(opts: &EncodeOptions, vae: VaeIdentity, latent_shape: Vec<i
         let path = opts.out.join(&file);
         let mut tensors: Vec<(&str, Tensor)> = vec![];
         let empty = || Tensor::zeros([0, manifest.latent_shape[0], manifest.latent_shape[1], manifest.latent_shape[2]], (opts.dtype.kind(), Device::Cpu));
-        let cat = |v: &Vec<Tensor>| if v.is_empty() { empty() } else { Tensor::cat(v, 0) };
+        let cat = |v: &Vec<Tensor>| if v.is_empty() { empty() } else { Tensor::cat(v, 0).contiguous() };
         tensors.push(("mean", cat(&means)));
         tensors.push(("std", cat(&stds)));
         if opts.flip {
