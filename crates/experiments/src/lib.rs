@@ -14,6 +14,7 @@ pub mod model;
 pub mod overrides;
 pub mod plot;
 pub mod progress;
+pub mod reflow_pairs;
 pub mod rng;
 pub mod run_dir;
 pub mod sample;

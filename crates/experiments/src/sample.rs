@@ -1,5 +1,6 @@
 //! `flowmap sample`: images from a trained run at a list of step counts, as PNG grids and as a
 //! safetensors file per step count (`images`, (N, C, H, W) float in [−1, 1], and `class`).
+//! Runs on VAE latents are decoded to pixels first.
 use crate::rng::{self, Stream};
 use crate::run_dir::RunDir;
 use crate::sampling::Weights;
@@ -34,6 +35,8 @@ pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, devic
     if let Some(c) = req.class {
         anyhow::ensure!(num_classes > 0 && (0..num_classes).contains(&c), "--class {c}: the model has {num_classes} classes");
     }
+    // Latent runs are decoded with the run's VAE before they are saved.
+    let vae = crate::vae_section::for_run(&cfg.vae, &cfg.data).map(|v| v.load(device)).transpose()?;
     let mut shape = vec![req.num];
     shape.extend(cfg.model.sample_shape());
     for &steps in &req.steps {
@@ -44,7 +47,12 @@ pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, devic
             (None, 0) => Tensor::full([req.num], net.net.null_class(), (Kind::Int64, device)),
             (None, k) => Tensor::arange(req.num, (Kind::Int64, device)).remainder(k),
         };
-        let x = sampling.generate(net.net.as_ref(), noise, &class, steps).to_kind(Kind::Float).to_device(Device::Cpu);
+        let x = sampling.generate(net.net.as_ref(), noise, &class, steps).to_kind(Kind::Float);
+        let x = match &vae {
+            Some(v) => flowmap_models::vae::decode_for_fid(v, &x),
+            None => x,
+        }
+        .to_device(Device::Cpu);
         crate::image_grid::save_grid(&x, &out.join(format!("steps{steps}.png")))?;
         let path = out.join(format!("steps{steps}.safetensors"));
         Tensor::write_safetensors(&[("images", &x), ("class", &class.to_device(Device::Cpu))], &path).with_context(|| format!("writing {}", path.display()))?;

@@ -239,6 +239,7 @@ impl ExperimentConfig {
         ensure!(shape == data_shape, "the model takes samples of shape {shape:?} but {} samples are {data_shape:?} (set model.in_channels / model.input_size)", self.data.dataset.name());
         self.sampling.validate()?;
         let objective = self.objective.build_for_batch(self.run.batch_size)?;
+        ensure!(!objective.needs_coupled_data() || self.data.reflow_pairs.is_some(), "objective.kind = {:?} trains on stored (noise, sample) pairs: set data.reflow_pairs to a file made by `flowmap reflow-pairs --teacher RUN`", objective_kind(&self.objective));
         ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", objective_kind(&self.objective));
         Ok(())
     }
@@ -369,7 +370,10 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         }
         let (x, class) = data.batch(&idx, step, device)?;
         rng::reseed(cfg.run.seed, step, Stream::Train);
-        let batch = Batch::new(x, class);
+        let batch = match data.coupled_noise(&idx, device) {
+            Some(noise) => Batch::coupled(x, class, noise),
+            None => Batch::new(x, class),
+        };
         let nets = Nets { online: online.net.as_ref(), ema: ema_net.as_ref(), teacher: teacher.as_ref().map(|t| t.net.as_ref()) };
         let mut loss = objective.loss(nets, &batch, step);
         if opts.inject_nan_at.contains(&step) {

@@ -75,6 +75,11 @@ pub trait Objective: Send {
     fn needs_teacher(&self) -> bool {
         false
     }
+    /// Whether every batch must carry stored (noise, sample) couplings (`Batch::noise`): two-stage
+    /// reflow trains on pairs made by `flowmap reflow-pairs`.
+    fn needs_coupled_data(&self) -> bool {
+        false
+    }
     /// Whether the loop must copy the online weights into the teacher **before** computing the
     /// loss at `step` (progressive distillation's stage boundaries).
     fn refresh_teacher_at(&self, step: u64) -> bool {

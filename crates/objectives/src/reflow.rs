@@ -36,6 +36,9 @@ impl Objective for Reflow {
         assert_eq!(noise.size(), batch.x.size(), "reflow: noise and sample shapes differ");
         self.flow.loss_on(nets.online, &batch.x, noise, &batch.class)
     }
+    fn needs_coupled_data(&self) -> bool {
+        true
+    }
 }
 
 /// Stored couplings: `noise` and `x` (N, ...) Float, `class` (N,) Int64.

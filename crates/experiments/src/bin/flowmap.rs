@@ -135,6 +135,24 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Two-stage reflow, stage one: (noise, sample) couplings from a trained run, for data.reflow_pairs.
+    ReflowPairs {
+        /// The trained (teacher) run.
+        #[arg(long)]
+        teacher: PathBuf,
+        #[arg(long)]
+        count: i64,
+        /// Sampling steps of the teacher's [sampling] rule.
+        #[arg(long, default_value_t = 128)]
+        steps: usize,
+        #[arg(long, value_enum, default_value = "ema")]
+        weights: WeightsArg,
+        #[arg(long, default_value_t = 256)]
+        batch: i64,
+        /// Output file (default: <teacher>/reflow_pairs.safetensors).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// FID (and KID) of a run at several step counts; appends to <run>/fid.csv.
     Fid {
         #[arg(long)]
@@ -230,6 +248,12 @@ fn main() -> Result<()> {
             for r in rows {
                 println!("{},{:.3},{}", r.nfe, r.fid, r.kid.map(|k| format!("{k:.5}")).unwrap_or_default());
             }
+        }
+        Command::ReflowPairs { teacher, count, steps, weights, batch, out } => {
+            let cfg = read_run_config(&teacher)?;
+            let out = out.unwrap_or_else(|| teacher.join("reflow_pairs.safetensors"));
+            flowmap_experiments::reflow_pairs::make_pairs(&teacher, &cfg, weights.into(), count, steps, batch, &out, cfg.run.device.device()?)?;
+            println!("{}", out.display());
         }
         Command::Plot { runs, out } => {
             let out = out.unwrap_or_else(|| run_dir::RunDir::new(&runs[0]).plots());

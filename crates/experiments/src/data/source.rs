@@ -67,6 +67,8 @@ pub struct DataConfig {
     pub workers: Option<usize>,     // image_folder: decode threads; default: all cores
     #[serde(default)]
     pub prefetch: Option<usize>,    // image_folder: batches decoded ahead; default 2
+    #[serde(default)]
+    pub reflow_pairs: Option<String>, // train on stored (noise, sample) pairs from `flowmap reflow-pairs` (two-stage reflow); the other fields still describe the data
 }
 
 /// Expands `${VAR}` (and `$VAR` up to a non-identifier character) from the environment; an unset
@@ -115,6 +117,10 @@ pub trait DataSource {
     /// The batch of `indices` for `step`: (x, class) on `device`. A pure function of
     /// (data, indices, step, seed), so a resumed run reads the same batches.
     fn batch(&mut self, indices: &[i64], step: u64, device: Device) -> Result<(Tensor, Tensor)>;
+    /// The stored noise of each row when the data are (noise, sample) couplings (reflow pairs).
+    fn coupled_noise(&mut self, _indices: &[i64], _device: Device) -> Option<Tensor> {
+        None
+    }
     /// Unreadable files skipped so far (image folders).
     fn skipped(&self) -> usize {
         0
@@ -125,6 +131,8 @@ pub trait DataSource {
 pub struct InMemory {
     pub images: Tensor,
     pub labels: Tensor,
+    /// (N, ...) noise coupled to each image (reflow pairs), or None for independent data.
+    pub noise: Option<Tensor>,
     pub num_classes: i64,
     pub name: String,
 }
@@ -145,6 +153,9 @@ impl DataSource for InMemory {
     fn batch(&mut self, indices: &[i64], _step: u64, device: Device) -> Result<(Tensor, Tensor)> {
         let idx = Tensor::from_slice(indices);
         Ok((self.images.index_select(0, &idx).to_device(device), self.labels.index_select(0, &idx).to_device(device)))
+    }
+    fn coupled_noise(&mut self, indices: &[i64], device: Device) -> Option<Tensor> {
+        self.noise.as_ref().map(|n| n.index_select(0, &Tensor::from_slice(indices)).to_device(device))
     }
 }
 
@@ -323,10 +334,18 @@ impl DataConfig {
     pub fn open(&self, null_class: i64, seed: u64, verify: bool) -> Result<Box<dyn DataSource>> {
         self.validate()?;
         let null = (!self.conditional).then_some(null_class);
+        if let Some(pairs) = &self.reflow_pairs {
+            let path = PathBuf::from(expand_env(pairs).context("data.reflow_pairs")?);
+            let p = flowmap_objectives::reflow::load_pairs(&path)?;
+            ensure!(p.x.size()[1..] == self.sample_shape()[..], "{}: pairs of shape {:?}, the data's samples are {:?}", path.display(), &p.x.size()[1..], self.sample_shape());
+            let labels = if self.conditional { p.class } else { p.class.full_like(null_class) };
+            let name = format!("reflow pairs {}", path.display());
+            return Ok(Box::new(InMemory { images: p.x, labels, noise: Some(p.noise), num_classes: self.num_classes(), name }));
+        }
         let source: Box<dyn DataSource> = match self.dataset {
             DataSet::Mnist | DataSet::FashionMnist => {
                 let d = self.load(null_class)?;
-                Box::new(InMemory { images: d.images, labels: d.labels, num_classes: self.num_classes(), name: format!("{} {:?}", self.dataset.name(), self.split) })
+                Box::new(InMemory { images: d.images, labels: d.labels, noise: None, num_classes: self.num_classes(), name: format!("{} {:?}", self.dataset.name(), self.split) })
             }
             DataSet::ImageFolder => {
                 let root = self.resolved_path()?;

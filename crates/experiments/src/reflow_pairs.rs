@@ -1,0 +1,29 @@
+//! `flowmap reflow-pairs`: stage one of two-stage reflow (Liu et al., arXiv 2209.03003). Draws
+//! noise, maps it through a trained run's sampler (its `[sampling]` rule and guidance, at a chosen
+//! step count) and stores the couplings (noise, sample, class) as safetensors; a `reflow` run then
+//! trains on them through `data.reflow_pairs`.
+use crate::rng::{self, Stream};
+use crate::sampling::Weights;
+use crate::train::{load_run_weights, ExperimentConfig};
+use anyhow::Result;
+use flowmap_objectives::reflow::{generate_pairs, Pairs};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// Generates `count` couplings with `steps` sampling steps and writes them to `out`. Labels cycle
+/// through the classes (all null for an unconditional run). Seeded by (run.seed, Eval stream).
+pub fn make_pairs(run: &Path, cfg: &ExperimentConfig, weights: Weights, count: i64, steps: usize, batch: i64, out: &Path, device: Device) -> Result<Pairs> {
+    let net = load_run_weights(run, &cfg.model, weights, device)?;
+    let num_classes = cfg.data.num_classes();
+    let null = net.net.null_class();
+    let mut next = 0i64;
+    let classes = |n: i64| {
+        let c = if num_classes > 0 { (Tensor::arange(n, (Kind::Int64, Device::Cpu)) + next).remainder(num_classes) } else { Tensor::full([n], null, (Kind::Int64, Device::Cpu)) };
+        next += n;
+        c
+    };
+    rng::reseed(cfg.run.seed, 0, Stream::Eval);
+    let pairs = generate_pairs(count, batch, &cfg.model.sample_shape(), device, classes, |noise, class| cfg.sampling.generate(net.net.as_ref(), noise.shallow_clone(), class, steps), Some(out))?;
+    tracing::info!("{count} couplings ({steps} steps of {:?}) written to {}", cfg.sampling.rule, out.display());
+    Ok(pairs)
+}
