@@ -54,21 +54,32 @@ impl Net {
 
     /// Named variables (sorted), for checkpoints.
     pub fn named(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        named_vars(&self.vs)
     }
 
-    /// Copies named tensors into the variables; every variable must be present with its shape.
+    /// Copies named tensors into the variables (see [`load_vars`]).
     pub fn load_named(&mut self, tensors: &std::collections::BTreeMap<String, Tensor>, what: &str) -> Result<()> {
-        let vars = self.vs.variables();
-        for (name, var) in &vars {
-            let Some(src) = tensors.get(name) else { anyhow::bail!("{what}: no tensor `{name}` (checkpoint of another model?)") };
-            ensure!(src.size() == var.size(), "{what}: `{name}` has shape {:?}, the model has {:?}", src.size(), var.size());
-            tch::no_grad(|| var.shallow_clone().copy_(src));
-        }
-        let extra: Vec<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
-        ensure!(extra.is_empty(), "{what}: unexpected tensors {extra:?} (checkpoint of another model?)");
-        Ok(())
+        load_vars(&self.vs, tensors, what)
     }
+}
+
+/// The variables of a store as (name, tensor), sorted by name.
+pub fn named_vars(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Copies named tensors into a store's variables: every variable must be present with its shape
+/// and no tensor may be left over (a checkpoint of another model). `what` names the source.
+pub fn load_vars(vs: &nn::VarStore, tensors: &std::collections::BTreeMap<String, Tensor>, what: &str) -> Result<()> {
+    let vars = vs.variables();
+    for (name, var) in &vars {
+        let Some(src) = tensors.get(name) else { anyhow::bail!("{what}: no tensor `{name}` (checkpoint of another model?)") };
+        ensure!(src.size() == var.size(), "{what}: `{name}` has shape {:?}, the model has {:?}", src.size(), var.size());
+        tch::no_grad(|| var.shallow_clone().copy_(src));
+    }
+    let extra: Vec<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
+    ensure!(extra.is_empty(), "{what}: unexpected tensors {extra:?} (checkpoint of another model?)");
+    Ok(())
 }

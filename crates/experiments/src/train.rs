@@ -9,7 +9,7 @@ use crate::checkpoint::{CheckpointContents, CheckpointDir};
 use crate::data::source::DataConfig;
 use crate::loader::{DataPosition, Order};
 use crate::metrics::MetricsWriter;
-use crate::model::{ModelConfig, Net};
+use crate::model::{load_vars, named_vars, ModelConfig, Net};
 use crate::progress::Progress;
 use crate::rng::{self, Stream};
 use crate::run_dir::RunDir;
@@ -312,7 +312,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         ensure!(state.seed == cfg.run.seed, "{}: checkpoint was written with run.seed = {}, the config says {}", ck.dir.display(), state.seed, cfg.run.seed);
         online.load_named(&ck.tensors("model")?, &format!("{}/model.safetensors", ck.dir.display()))?;
         let ema_tensors = ck.tensors("ema")?;
-        load_into_vs(ema.shadow_mut(), &ema_tensors, &format!("{}/ema.safetensors", ck.dir.display()))?;
+        load_vars(ema.shadow(), &ema_tensors, &format!("{}/ema.safetensors", ck.dir.display()))?;
         ema.set_updates(state.ema_updates);
         opt.load_state(&ck.tensors("optim")?, state.step)?;
         if let (Some(t), true) = (teacher.as_mut(), objective.needs_teacher()) {
@@ -345,7 +345,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
     let base_time = state.train_time_s;
 
     let save = |state: &TrainerState, online: &Net, ema: &Ema, opt: &AdamW, teacher: &Option<Net>| -> Result<()> {
-        let mut tensors = vec![("model", online.named()), ("ema", sorted(ema.shadow())), ("optim", opt.state())];
+        let mut tensors = vec![("model", online.named()), ("ema", named_vars(ema.shadow())), ("optim", opt.state())];
         if let (Some(t), true) = (teacher, objective.needs_teacher()) {
             tensors.push(("teacher", t.named()));
         }
@@ -455,21 +455,6 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         tracing::info!("stopped at step {}; checkpoint written; continue with --resume auto", state.step);
     }
     Ok(Summary { run_dir: run.root.clone(), step: state.step, outcome, skipped_steps: state.skipped_steps, last_loss })
-}
-
-fn sorted(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn load_into_vs(vs: &mut tch::nn::VarStore, tensors: &std::collections::BTreeMap<String, Tensor>, what: &str) -> Result<()> {
-    for (name, var) in vs.variables() {
-        let src = tensors.get(&name).with_context(|| format!("{what}: no tensor `{name}`"))?;
-        ensure!(src.size() == var.size(), "{what}: `{name}` has shape {:?}, the model has {:?}", src.size(), var.size());
-        tch::no_grad(|| var.shallow_clone().copy_(src));
-    }
-    Ok(())
 }
 
 /// Sample grids at every configured step count: `samples/step_XXXXXXX_stepsN.png` and TensorBoard.
