@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup build demo test doctor bundle clean-cache-help
+.PHONY: setup build demo test doctor bundle
 
 setup:
 	@./scripts/setup.sh
