@@ -1,7 +1,9 @@
 //! The paper-scale data path on a small generated image folder (issue 7): image folders with
 //! corrupt files, latents (encode, resume), dry runs of every paper config, and the whole
 //! pipeline folder → latents → training → sampling → decode → FID.
+mod cli_support;
 mod paper_support;
+use cli_support::flowmap_ok as flowmap;
 
 use flowmap_experiments::data::image_folder::{center_crop_arr, flips, FolderReader, ImageFolder, Layout};
 use flowmap_experiments::data::latents::{encode_folder, EncodeOptions, LatentDtype, LatentReader, Manifest, VaeIdentity};
@@ -112,7 +114,6 @@ fn latents_resume_skips_verified_shards_and_gives_the_same_manifest() {
 // With a tiny random VAE (f = 8, like sd-vae-ft-mse, but 8 channels per level and one resnet).
 
 use flowmap_models::vae::{Vae, VaeConfig};
-use std::process::Command;
 
 /// The tiny VAE's architecture, as `--set` overrides of a config's `[vae.arch]`.
 const TINY_VAE_SETS: [&str; 3] = ["vae.arch.block_out_channels=[8, 8, 8, 8]", "vae.arch.layers_per_block=1", "vae.arch.norm_num_groups=4"];
@@ -128,12 +129,6 @@ fn write_tiny_vae(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let arch = dir.join("tiny_vae.toml");
     std::fs::write(&arch, TINY_VAE_TOML).unwrap();
     (weights, arch)
-}
-
-fn flowmap(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_flowmap")).args(args).env("FLOWMAP_LOG", "warn").output().unwrap();
-    assert!(out.status.success(), "flowmap {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn paper_dir() -> std::path::PathBuf {

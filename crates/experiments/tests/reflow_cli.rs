@@ -2,25 +2,18 @@
 //! (noise, sample) couplings with `flowmap reflow-pairs`, train `reflow` on them.
 use flowmap_experiments::sampling::Weights;
 use flowmap_experiments::train::{load_config, load_run_weights};
+mod cli_support;
+use cli_support::{flowmap, flowmap_ok as ok};
 use std::path::Path;
-use std::process::Command;
-
-fn flowmap(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_flowmap")).args(args).output().unwrap()
-}
 
 #[test]
 fn pairs_are_the_teachers_samples_and_reflow_trains_on_them() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/tiny_cpu.toml");
     let (teacher, student) = (dir.path().join("teacher"), dir.path().join("student"));
-    let ok = |o: std::process::Output| {
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
-    ok(flowmap(&["train", tiny.to_str().unwrap(), "--run-dir", teacher.to_str().unwrap(), "--set", "run.steps=6"]));
+    ok(&["train", tiny.to_str().unwrap(), "--run-dir", teacher.to_str().unwrap(), "--set", "run.steps=6"]);
     let pairs = dir.path().join("pairs.safetensors");
-    ok(flowmap(&["reflow-pairs", "--teacher", teacher.to_str().unwrap(), "--count", "40", "--steps", "2", "--batch", "16", "--out", pairs.to_str().unwrap()]));
+    ok(&["reflow-pairs", "--teacher", teacher.to_str().unwrap(), "--count", "40", "--steps", "2", "--batch", "16", "--out", pairs.to_str().unwrap()]);
 
     // The stored sample of each noise is what the teacher's sampler makes from it.
     let p = flowmap_objectives::reflow::load_pairs(&pairs).unwrap();
@@ -37,7 +30,7 @@ fn pairs_are_the_teachers_samples_and_reflow_trains_on_them() {
     assert!(!no_pairs.status.success());
     assert!(String::from_utf8_lossy(&no_pairs.stderr).contains("data.reflow_pairs"));
     let set = format!("data.reflow_pairs=\"{}\"", pairs.display());
-    ok(flowmap(&["train", tiny.to_str().unwrap(), "--run-dir", student.to_str().unwrap(), "--set", "objective.kind=reflow", "--set", &set, "--set", "run.steps=4", "--set", "run.log_every=1"]));
+    ok(&["train", tiny.to_str().unwrap(), "--run-dir", student.to_str().unwrap(), "--set", "objective.kind=reflow", "--set", &set, "--set", "run.steps=4", "--set", "run.log_every=1"]);
     let losses: Vec<f64> = flowmap_experiments::metrics::read(&student.join("metrics.jsonl")).unwrap().iter().map(|r| r["loss"].as_f64().unwrap()).collect();
     assert_eq!(losses.len(), 4);
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");

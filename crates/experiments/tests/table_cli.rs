@@ -1,13 +1,8 @@
 //! The commands end to end on the tiny config: `table` (train two objectives, FID/KID at two step
 //! counts, Markdown/CSV/plots), then `sample`, `fid` and `plot` on one of its runs.
+mod cli_support;
+use cli_support::flowmap_ok as flowmap;
 use std::path::Path;
-use std::process::Command;
-
-fn flowmap(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_flowmap")).args(args).output().unwrap();
-    assert!(out.status.success(), "flowmap {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn table_sample_fid_and_plot_on_the_tiny_config() {
