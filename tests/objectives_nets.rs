@@ -87,7 +87,7 @@ fn check_all(label: &str, nets: &Three, x_shape: &[i64], only: Option<&[&str]>, 
         };
         for vs in [&nets.online.0, &nets.ema.0, &nets.teacher.0] {
             for mut v in vs.trainable_variables() {
-                let _ = v.zero_grad();
+                v.zero_grad();
             }
         }
         let loss = run();

@@ -11,7 +11,7 @@ use std::path::Path;
 
 fn masked_crc(bytes: &[u8]) -> u32 {
     let crc = crc32c::crc32c(bytes);
-    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 fn varint(mut v: u64, out: &mut Vec<u8>) {

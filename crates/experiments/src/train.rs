@@ -410,7 +410,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         state.ema_updates = ema.updates();
         let step = state.step;
 
-        let log_now = step % cfg.run.log_every == 0 || step == cfg.run.steps;
+        let log_now = step.is_multiple_of(cfg.run.log_every) || step == cfg.run.steps;
         let (mut loss_read, mut rate) = (None, None);
         if log_now {
             let l = loss.value.double_value(&[]);
@@ -431,7 +431,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         progress.tick(step, loss_read, rate);
 
         let end = step == cfg.run.steps;
-        if (cfg.run.sample_every > 0 && step % cfg.run.sample_every == 0) || end {
+        if (cfg.run.sample_every > 0 && step.is_multiple_of(cfg.run.sample_every)) || end {
             let net: &dyn VelocityField = match cfg.sampling.weights {
                 Weights::Ema => ema_net.as_ref(),
                 Weights::Online => online.net.as_ref(),
@@ -439,7 +439,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
             write_grids(&cfg.sampling, net, &grid_noise, &grid_class, &run, step, &mut tb, grid_vae.as_ref())?;
             progress.pause_done();
         }
-        if (cfg.run.checkpoint_every > 0 && step % cfg.run.checkpoint_every == 0) || end {
+        if (cfg.run.checkpoint_every > 0 && step.is_multiple_of(cfg.run.checkpoint_every)) || end {
             state.train_time_s = base_time + clock.elapsed().as_secs_f64();
             save(&state, &online, &ema, &opt, &teacher)?;
             progress.pause_done();

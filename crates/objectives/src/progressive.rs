@@ -130,6 +130,6 @@ impl Objective for ProgressiveDistillation {
     /// Copy the online weights into the teacher before the first step of every stage after the
     /// first (the code refreshes after step i with i % (max_steps // 7) == 0, i counted from 1).
     fn refresh_teacher_at(&self, step: u64) -> bool {
-        step > 0 && step % self.steps_per_stage == 0 && step / self.steps_per_stage < self.stages as u64
+        step > 0 && step.is_multiple_of(self.steps_per_stage) && step / self.steps_per_stage < self.stages as u64
     }
 }

@@ -139,7 +139,7 @@ fn a_loss_on_the_tangent_backpropagates_to_the_parameters() {
     let w = &vars["l1.weight"];
     let analytic = w.grad().double_value(&[0, 0]);
     let eps = 1e-6;
-    let mut at = |delta: f64| {
+    let at = |delta: f64| {
         tch::no_grad(|| {
             let _ = w.get(0).get(0).f_add_(&Tensor::from(delta).to_kind(Kind::Double)).unwrap();
         });
