@@ -167,7 +167,7 @@ impl PairSampler for DyadicSteps {
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum GridSpacing {
-    /// t_i = i/(points − 1), i = 0..points−1 (Shortcut code, [seed] 10633).
+    /// t_i = i/(points − 1), i = 0..points−1 (Shortcut code, \[seed\] 10633).
     Uniform(NoParams),
     /// Karras et al. noise levels sigma_i = (sigma_min^(1/rho) + i/(points−1)·(sigma_max^(1/rho) −
     /// sigma_min^(1/rho)))^rho in EDM units, mapped to t = sigma/(1 + sigma) (methods.md §1.3, EDM row).

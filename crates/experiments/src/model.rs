@@ -22,7 +22,7 @@ impl ModelConfig {
         }
     }
 
-    /// Shape of one sample the network takes, e.g. [1, 32, 32] or [2].
+    /// Shape of one sample the network takes, e.g. `[1, 32, 32]` or `[2]`.
     pub fn sample_shape(&self) -> Vec<i64> {
         match self {
             Self::Dit(c) => vec![c.in_channels, c.input_size, c.input_size],

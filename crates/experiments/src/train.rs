@@ -1,4 +1,4 @@
-//! `flowmap train`: one generic loop over any [`Objective`], configured from TOML.
+//! `flowmap train`: one generic loop over any [`Objective`](flowmap_objectives::Objective), configured from TOML.
 //!
 //! Every step reseeds the global generator from (seed, step), takes the next batch of a
 //! per-epoch permutation, computes the objective's loss, checks it (and the gradient norm) for

@@ -1,5 +1,5 @@
 //! A small MLP F(x_t, t, h, class) on flat data (B, D), for fast tests and 2-D toy sets.
-//! e = emb_t(t) + emb_h(h) + table[class]; z = Linear(x) + e; `depth` × (SiLU ∘ Linear); Linear out.
+//! e = emb_t(t) + emb_h(h) + table\[class\]; z = Linear(x) + e; `depth` × (SiLU ∘ Linear); Linear out.
 use crate::embedding::{timestep_embedding, HEmbedding, NoParams, MAX_PERIOD};
 use anyhow::{ensure, Result};
 use flowmap_core::VelocityField;

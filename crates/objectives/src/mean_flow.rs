@@ -1,5 +1,5 @@
 //! MeanFlow (Geng et al., arXiv 2505.13447; official Gsunshine/meanflow `meanflow.py`) and the two
-//! model-tangent objectives of [seed] kexue.fm/archives/10958 (methods.md §12).
+//! model-tangent objectives of \[seed\] kexue.fm/archives/10958 (methods.md §12).
 //! Loss: ‖F(x_t, t, h) + h·[J·(w, 1, 1)] − v_g‖², J the Jacobian of (z, t, h) ↦ F(z, t, h, c); w = v_g
 //! (official, with sg on the JVP term) or the model's own F(x_t, t, 0) (with or without sg); per-sample
 //! sums, adaptive weighting. Time: the official code already puts data at t = 0 (z_t = (1 − t)x + t·e);

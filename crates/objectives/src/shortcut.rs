@@ -21,7 +21,7 @@ pub const SHORTCUT_CLIP: f64 = 4.0;
 pub const SHORTCUT_MAX_LEVEL: u32 = 7;
 /// `train.py` `bootstrap_every = 8`.
 pub const SHORTCUT_CODE_BOOTSTRAP_FRACTION: f64 = 0.125;
-/// The paper's k = 1/4 of the batch ([seed] 10617: 3/4 flow, 1/4 bootstrap).
+/// The paper's k = 1/4 of the batch (\[seed\] 10617: 3/4 flow, 1/4 bootstrap).
 pub const SHORTCUT_PAPER_BOOTSTRAP_FRACTION: f64 = 0.25;
 /// ImageNet README command: `cfg_scale 1.5` with `bootstrap_cfg 1`.
 pub const SHORTCUT_CODE_CFG_SCALE: f64 = 1.5;

@@ -142,22 +142,22 @@ enum Command {
         teacher: PathBuf,
         #[arg(long)]
         count: i64,
-        /// Sampling steps of the teacher's [sampling] rule.
+        /// Sampling steps of the teacher's `[sampling]` rule.
         #[arg(long, default_value_t = 128)]
         steps: usize,
         #[arg(long, value_enum, default_value = "ema")]
         weights: WeightsArg,
         #[arg(long, default_value_t = 256)]
         batch: i64,
-        /// Output file (default: <teacher>/reflow_pairs.safetensors).
+        /// Output file (default: `<teacher>/reflow_pairs.safetensors`).
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// FID (and KID) of a run at several step counts; appends to <run>/fid.csv.
+    /// FID (and KID) of a run at several step counts; appends to `<run>/fid.csv`.
     Fid {
         #[arg(long)]
         run: PathBuf,
-        /// Step counts (default: [eval].steps or [sampling].steps of the run).
+        /// Step counts (default: `[eval].steps` or `[sampling].steps` of the run).
         #[arg(long, value_delimiter = ',')]
         steps: Vec<usize>,
         /// Generated images per step count (default: [eval].num_samples, else 1000).
