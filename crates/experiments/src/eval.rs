@@ -9,6 +9,7 @@ use crate::run_dir::RunDir;
 use crate::sampling::Weights;
 use crate::train::{load_run_weights, ExperimentConfig};
 use anyhow::{ensure, Context, Result};
+use flowmap_core::VelocityField;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -28,6 +29,8 @@ pub struct EvalConfig {
     pub kid: bool,                       // also KID (unbiased; meaningful at small counts); default true
     #[serde(default = "default_batch")]
     pub batch: usize,                    // images per generation / Inception batch; default 100
+    #[serde(default)]
+    pub every: u64,                      // also evaluate while training, every N steps and at the end; 0 (default) = only by `fid`/`table`
 }
 
 fn yes() -> bool {
@@ -134,43 +137,61 @@ pub fn folder_reference(inception: &Inception, root: &Path, layout: Layout, size
     Ok(r)
 }
 
-/// Evaluates a trained run at `steps` with its `[sampling]` settings (and `weights`), appending to
-/// `<run>/fid.csv`. Noise and labels are fixed by (seed, chunk), so every step count sees the same
-/// inputs and a re-evaluation gives the same numbers.
+/// The Inception network, reference statistics and (for latent runs) the VAE of an evaluation,
+/// loaded once and reused (e.g. at every `eval.every` steps of a training run).
+pub struct Evaluator {
+    inception: Inception,
+    reference: fid::Reference,
+    vae: Option<flowmap_models::vae::Vae>,
+    settings: EvalSettings,
+}
+
+impl Evaluator {
+    pub fn new(cfg: &ExperimentConfig, eval: &EvalConfig, device: Device) -> Result<Self> {
+        let inception = Inception::load(device, eval.preprocess)?.with_batch_size(eval.batch);
+        let reference = reference(cfg, eval, &inception)?;
+        // Latent-space runs: decode with the VAE before the Inception network.
+        let vae = crate::vae_section::for_run(&cfg.vae, &cfg.data).map(|v| v.load(device)).transpose()?;
+        let settings = EvalSettings { num_samples: eval.num_samples, generate_batch: eval.batch, kid: eval.kid.then(KidSettings::default) };
+        Ok(Self { inception, reference, vae, settings })
+    }
+
+    /// FID (and KID) of `net` at `steps` with the run's `[sampling]` settings, appended to
+    /// `<run>/fid.csv` with `train_step`. Noise and labels are fixed by (seed, chunk), so every step
+    /// count and every training step sees the same inputs and a re-evaluation gives the same numbers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn evaluate(&self, cfg: &ExperimentConfig, net: &dyn VelocityField, weights: Weights, train_step: u64, steps: &[usize], run: &Path, device: Device) -> Result<Vec<FidRow>> {
+        ensure!(!steps.is_empty(), "no step counts to evaluate");
+        let setting = SampleSetting { train_step, cfg_scale: cfg.sampling.cfg_scale, weights: weights.name().into() };
+        let shape = cfg.model.sample_shape();
+        let num_classes = cfg.data.num_classes();
+        let null = net.null_class();
+        let mut chunk = 0u64;
+        let mut last_steps = None;
+        let generate = |s: usize, n: usize| -> Result<Tensor> {
+            if last_steps != Some(s) {
+                (chunk, last_steps) = (0, Some(s));
+            }
+            rng::reseed(cfg.run.seed, chunk, Stream::Eval);
+            let mut full = vec![n as i64];
+            full.extend_from_slice(&shape);
+            let noise = Tensor::randn(full.as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
+            let start = chunk as i64 * n as i64;
+            let class = if num_classes > 0 { (Tensor::arange(n as i64, (Kind::Int64, device)) + start).remainder(num_classes) } else { Tensor::full([n as i64], null, (Kind::Int64, device)) };
+            chunk += 1;
+            let x = cfg.sampling.generate(net, noise, &class, s).to_kind(Kind::Float);
+            Ok(match &self.vae {
+                Some(v) => flowmap_models::vae::decode_for_fid(v, &x),
+                None => x,
+            })
+        };
+        fid::evaluate_steps(&self.inception, &self.reference, steps, &setting, &self.settings, Some(&RunDir::new(run).fid_csv()), generate)
+    }
+}
+
+/// Evaluates the newest complete checkpoint of a trained run (see [`Evaluator::evaluate`]).
 pub fn evaluate_run(run: &Path, cfg: &ExperimentConfig, eval: &EvalConfig, weights: Weights, steps: &[usize], device: Device) -> Result<Vec<FidRow>> {
     let ck = crate::checkpoint::CheckpointDir::new(RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint to evaluate", run.display()))?;
     let net = load_run_weights(run, &cfg.model, weights, device)?;
-    let inception = Inception::load(device, eval.preprocess)?.with_batch_size(eval.batch);
-    let reference = reference(cfg, eval, &inception)?;
-    let settings = EvalSettings { num_samples: eval.num_samples, generate_batch: eval.batch, kid: eval.kid.then(KidSettings::default) };
-    let setting = SampleSetting { train_step: ck.step, cfg_scale: cfg.sampling.cfg_scale, weights: weights.name().into() };
-    let shape = cfg.model.sample_shape();
-    let num_classes = cfg.data.num_classes();
-    let null = net.net.null_class();
-    // Latent-space runs: decode with the VAE before the Inception network.
-    let vae = match crate::vae_section::for_run(&cfg.vae, &cfg.data) {
-        Some(v) => Some(v.load(device)?),
-        None => None,
-    };
-    let mut chunk = 0u64;
-    let mut last_steps = None;
-    let generate = |s: usize, n: usize| -> Result<Tensor> {
-        if last_steps != Some(s) {
-            (chunk, last_steps) = (0, Some(s));
-        }
-        rng::reseed(cfg.run.seed, chunk, Stream::Eval);
-        let mut full = vec![n as i64];
-        full.extend_from_slice(&shape);
-        let noise = Tensor::randn(full.as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
-        let start = chunk as i64 * n as i64;
-        let class = if num_classes > 0 { (Tensor::arange(n as i64, (Kind::Int64, device)) + start).remainder(num_classes) } else { Tensor::full([n as i64], null, (Kind::Int64, device)) };
-        chunk += 1;
-        let x = cfg.sampling.generate(net.net.as_ref(), noise, &class, s).to_kind(Kind::Float);
-        Ok(match &vae {
-            Some(v) => flowmap_models::vae::decode_for_fid(v, &x),
-            None => x,
-        })
-    };
-    ensure!(!steps.is_empty(), "no step counts to evaluate");
-    fid::evaluate_steps(&inception, &reference, steps, &setting, &settings, Some(&RunDir::new(run).fid_csv()), generate)
+    Evaluator::new(cfg, eval, device)?.evaluate(cfg, net.net.as_ref(), weights, ck.step, steps, run, device)
 }

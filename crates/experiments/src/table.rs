@@ -163,6 +163,17 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
         let p = crate::plot::fid_vs_nfe_from_runs(&with_fid, &out.join("fid_vs_steps"))?;
         files.extend([p.png, p.svg]);
     }
+    // Runs evaluated while training (`eval.every`): FID against the training step, one line per step count.
+    for r in &with_fid {
+        let rows = read_fid_csv(&RunDir::new(r).fid_csv())?;
+        let mut train_steps: Vec<u64> = rows.iter().map(|x| x.train_step).collect();
+        train_steps.dedup();
+        if train_steps.len() > 1 {
+            let name = r.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+            let p = crate::plot::fid_vs_step(&rows, &out.join(format!("{name}_fid_vs_train_step")))?;
+            files.extend([p.png, p.svg]);
+        }
+    }
     let loss: Vec<(String, PathBuf)> = runs.iter().map(|r| (r.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), RunDir::new(r).metrics())).filter(|(_, m)| m.exists()).collect();
     ensure!(!loss.is_empty() || !with_fid.is_empty(), "none of {runs:?} has metrics.jsonl or fid.csv");
     if !loss.is_empty() {

@@ -337,6 +337,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
     };
     let (grid_noise, grid_class) = fixed_inputs(cfg.run.seed, cfg.sampling.grid_images, &cfg.model.sample_shape(), cfg.data.num_classes(), null_class, device);
     let mut progress = Progress::new(state.step, cfg.run.steps, &cfg.run.name);
+    let mut evaluator: Option<crate::eval::Evaluator> = None;
     let start_step = state.step;
     let mut last_log = (Instant::now(), state.step);
     let mut last_loss = None;
@@ -442,6 +443,23 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         if (cfg.run.checkpoint_every > 0 && step.is_multiple_of(cfg.run.checkpoint_every)) || end {
             state.train_time_s = base_time + clock.elapsed().as_secs_f64();
             save(&state, &online, &ema, &opt, &teacher)?;
+            progress.pause_done();
+        }
+        // In-training FID (after the checkpoint, so a failing evaluation loses no training). It
+        // reseeds the generator from its own stream; the next step reseeds for training again.
+        if let Some(ev) = cfg.eval.as_ref().filter(|e| e.every > 0 && (step.is_multiple_of(e.every) || end)) {
+            let evaluator = match &evaluator {
+                Some(e) => e,
+                None => evaluator.insert(crate::eval::Evaluator::new(cfg, ev, device)?),
+            };
+            let net: &dyn VelocityField = match cfg.sampling.weights {
+                Weights::Ema => ema_net.as_ref(),
+                Weights::Online => online.net.as_ref(),
+            };
+            let steps = ev.steps.clone().unwrap_or_else(|| cfg.sampling.steps.clone());
+            for r in evaluator.evaluate(cfg, net, cfg.sampling.weights, step, &steps, &run.root, device)? {
+                tb.scalar(&format!("fid/steps{}", r.nfe), r.fid as f32, step as i64)?;
+            }
             progress.pause_done();
         }
     }

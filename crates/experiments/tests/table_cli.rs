@@ -71,3 +71,22 @@ set = ["objective.kind=mean_flow", "sampling.rule=jump"]
     let plots = flowmap(&["plot", "--run", run, "--run", out.join("flow-matching").to_str().unwrap(), "--out", dir.path().join("plots").to_str().unwrap()]);
     assert!(plots.contains("fid_vs_steps.svg") && plots.contains("loss.png"), "{plots}");
 }
+
+#[test]
+fn fid_while_training_writes_one_row_per_evaluation_and_a_fid_vs_train_step_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/tiny_cpu.toml");
+    let run = dir.path().join("run");
+    let sets = ["run.steps=6", "eval.every=3", "eval.num_samples=4", "eval.batch=4", "eval.steps=[1, 2]", "eval.reference.num_images=6"];
+    let mut args = vec!["train", tiny.to_str().unwrap(), "--run-dir", run.to_str().unwrap()];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    flowmap(&args);
+    let rows = flowmap_experiments::fid::read_fid_csv(&run.join("fid.csv")).unwrap();
+    let cells: Vec<(u64, usize)> = rows.iter().map(|r| (r.train_step, r.nfe)).collect();
+    assert_eq!(cells, vec![(3, 1), (3, 2), (6, 1), (6, 2)]);
+    assert!(rows.iter().all(|r| r.fid.is_finite() && r.num_samples == 4));
+    let plots = flowmap(&["plot", "--run", run.to_str().unwrap(), "--out", dir.path().join("plots").to_str().unwrap()]);
+    assert!(plots.contains("run_fid_vs_train_step.png") && plots.contains("run_fid_vs_train_step.svg"), "{plots}");
+}

@@ -229,7 +229,7 @@ fn main() -> Result<()> {
         }
         Command::Fid { run, steps, num_samples, weights, tf, ref_npz, ref_images } => {
             let cfg = read_run_config(&run)?;
-            let mut ev = cfg.eval.clone().unwrap_or(eval::EvalConfig { num_samples: 1000, steps: None, reference: Default::default(), preprocess: Default::default(), kid: true, batch: 100 });
+            let mut ev = cfg.eval.clone().unwrap_or(eval::EvalConfig { num_samples: 1000, steps: None, reference: Default::default(), preprocess: Default::default(), kid: true, batch: 100, every: 0 });
             if let Some(n) = num_samples {
                 ev.num_samples = n;
             }
