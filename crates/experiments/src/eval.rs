@@ -177,7 +177,7 @@ impl Evaluator {
             full.extend_from_slice(&shape);
             let noise = Tensor::randn(full.as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
             let start = chunk as i64 * n as i64;
-            let class = if num_classes > 0 { (Tensor::arange(n as i64, (Kind::Int64, device)) + start).remainder(num_classes) } else { Tensor::full([n as i64], null, (Kind::Int64, device)) };
+            let class = crate::sampling::cycled_classes(n as i64, start, num_classes, null, device);
             chunk += 1;
             let x = cfg.sampling.generate(net, noise, &class, s).to_kind(Kind::Float);
             Ok(match &self.vae {

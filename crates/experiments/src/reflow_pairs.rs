@@ -8,7 +8,7 @@ use crate::train::{load_run_weights, ExperimentConfig};
 use anyhow::Result;
 use flowmap_objectives::reflow::{generate_pairs, Pairs};
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 /// Generates `count` couplings with `steps` sampling steps and writes them to `out`. Labels cycle
 /// through the classes (all null for an unconditional run). Seeded by (run.seed, Eval stream).
@@ -18,7 +18,7 @@ pub fn make_pairs(run: &Path, cfg: &ExperimentConfig, weights: Weights, count: i
     let null = net.net.null_class();
     let mut next = 0i64;
     let classes = |n: i64| {
-        let c = if num_classes > 0 { (Tensor::arange(n, (Kind::Int64, Device::Cpu)) + next).remainder(num_classes) } else { Tensor::full([n], null, (Kind::Int64, Device::Cpu)) };
+        let c = crate::sampling::cycled_classes(n, next, num_classes, null, Device::Cpu);
         next += n;
         c
     };

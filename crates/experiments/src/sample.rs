@@ -44,8 +44,7 @@ pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, devic
         let noise = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
         let class = match (req.class, num_classes) {
             (Some(c), _) => Tensor::full([req.num], c, (Kind::Int64, device)),
-            (None, 0) => Tensor::full([req.num], net.net.null_class(), (Kind::Int64, device)),
-            (None, k) => Tensor::arange(req.num, (Kind::Int64, device)).remainder(k),
+            (None, k) => crate::sampling::cycled_classes(req.num, 0, k, net.net.null_class(), device),
         };
         let x = sampling.generate(net.net.as_ref(), noise, &class, steps).to_kind(Kind::Float);
         let x = match &vae {

@@ -110,6 +110,16 @@ pub fn fixed_inputs(seed: u64, n: i64, shape: &[i64], num_classes: i64, null_cla
     let mut full = vec![n];
     full.extend_from_slice(shape);
     let noise = Tensor::randn(full.as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
-    let class = if num_classes > 0 { Tensor::arange(n, (Kind::Int64, device)).remainder(num_classes) } else { Tensor::full([n], null_class, (Kind::Int64, device)) };
+    let class = cycled_classes(n, 0, num_classes, null_class, device);
     (noise, class)
+}
+
+/// Labels for `n` generated samples numbered `start..start + n`: sample i gets class i mod K, so
+/// every class is equally represented; all `null_class` when the model is unconditional (K = 0).
+pub fn cycled_classes(n: i64, start: i64, num_classes: i64, null_class: i64, device: Device) -> Tensor {
+    if num_classes > 0 {
+        (Tensor::arange(n, (Kind::Int64, device)) + start).remainder(num_classes)
+    } else {
+        Tensor::full([n], null_class, (Kind::Int64, device))
+    }
 }
