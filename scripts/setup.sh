@@ -1,26 +1,67 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up for flowmap on a fresh machine:
-#   1. a Python venv with torch==2.11.0 outside the checkout (per-user cache, keyed by version);
+#   1. a Python venv with torch==2.11.0 outside the checkout (per-user cache, keyed by version and
+#      CUDA build: FLOWMAP_TORCH_CUDA = cu130 (default) | cu128 | cu126 | cpu; README "Set-up");
 #   2. MNIST, Fashion-MNIST and the FID Inception weights in the data cache, sha256-verified;
 #   3. .cargo/config.toml pointing cargo at that libtorch (rpath, libtorch_cuda kept).
 # A second run finds everything in place and downloads nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 TORCH_VERSION=2.11.0
-CACHE=${FLOWMAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flowmap}
-VENV=${FLOWMAP_VENV:-$CACHE/venv-torch-$TORCH_VERSION}
-mkdir -p "$CACHE"
-
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# ---- 1. venv with torch ----
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch,sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null \
-   && [ -f "$VENV/.flowmap-ready" ]; then
-  log "venv ok: $VENV (torch $TORCH_VERSION)"
+# Which CUDA build of the torch wheel. PyPI's torch==2.11.0 is the CUDA 13.0 build (needs NVIDIA
+# driver >= 580); the others come from PyTorch's own index for that variant.
+TORCH_CUDA=${FLOWMAP_TORCH_CUDA:-cu130}
+case "$TORCH_CUDA" in
+  cu130) want_cuda=13.0 ;;
+  cu128) want_cuda=12.8 ;;
+  cu126) want_cuda=12.6 ;;
+  cpu)   want_cuda=None ;; # torch.version.cuda of a CPU-only build
+  *) log "FLOWMAP_TORCH_CUDA='$TORCH_CUDA' is not supported; allowed: cu130 (default, NVIDIA driver >= 580), cu128, cu126 (driver >= 525.60.13), cpu"
+     exit 2 ;;
+esac
+if [ -n "${FLOWMAP_TORCH_INDEX_URL:-}" ]; then
+  index_args=(--index-url "$FLOWMAP_TORCH_INDEX_URL")     # a mirror
+elif [ "$TORCH_CUDA" = cu130 ]; then
+  index_args=()                                            # plain PyPI (pip's configured index)
 else
-  log "creating venv $VENV with torch==$TORCH_VERSION (about 4.6 GB, a few minutes once)"
+  index_args=(--index-url "https://download.pytorch.org/whl/$TORCH_CUDA")
+fi
+
+CACHE=${FLOWMAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flowmap}
+# Keyed by version and variant, so switching FLOWMAP_TORCH_CUDA never reuses another build's venv.
+# cu130 keeps the unsuffixed name that caches made before the variants existed already have.
+venv_name=venv-torch-$TORCH_VERSION
+[ "$TORCH_CUDA" = cu130 ] || venv_name=$venv_name-$TORCH_CUDA
+VENV=${FLOWMAP_VENV:-$CACHE/$venv_name}
+mkdir -p "$CACHE"
+
+# ---- 1. venv with torch ----
+# Prints the installed torch as "<version> <torch.version.cuda>", e.g. "2.11.0 13.0" or "2.11.0 None".
+installed_torch() {
+  "$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0], torch.version.cuda)" 2>/dev/null
+}
+want="$TORCH_VERSION $want_cuda"
+if [ -x "$VENV/bin/python" ] && [ "$(installed_torch)" = "$want" ] && [ -f "$VENV/.flowmap-ready" ]; then
+  log "venv ok: $VENV (torch $TORCH_VERSION, $TORCH_CUDA)"
+else
+  log "creating venv $VENV with torch==$TORCH_VERSION ($TORCH_CUDA${index_args[1]:+ from ${index_args[1]}}; up to 4.6 GB, a few minutes once)"
+  rm -f "$VENV/.flowmap-ready"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy scipy
+  got=$(installed_torch || true)
+  if [ -n "$got" ] && [ "$got" != "$want" ]; then
+    # pip would keep an installed 2.11.0 of another variant (same public version): remove it first.
+    log "replacing torch '$got' in $VENV (want '$want')"
+    "$VENV/bin/pip" uninstall --quiet --disable-pip-version-check -y torch
+  fi
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check ${index_args[@]+"${index_args[@]}"} "torch==$TORCH_VERSION"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check numpy scipy
+  got=$(installed_torch || true)
+  if [ "$got" != "$want" ]; then
+    log "installed torch is '$got', expected '$want' (torch version, torch.version.cuda): check FLOWMAP_TORCH_INDEX_URL"
+    exit 1
+  fi
   touch "$VENV/.flowmap-ready"
 fi
 TORCH_DIR=$("$VENV/bin/python" -c 'import torch,os;print(os.path.dirname(torch.__file__))')

@@ -1,5 +1,6 @@
 //! `flowmap doctor`: what this machine and build can do, and which data are in place.
 use crate::cache::{self, FileState};
+use crate::device;
 use anyhow::Result;
 use std::fmt::Write;
 
@@ -14,6 +15,14 @@ pub fn report() -> Result<String> {
         for i in 0..tch::Cuda::device_count() {
             writeln!(s, "  device {i}    {}", cuda_device_name(i))?;
         }
+    }
+    // The same facts `device = "auto"` goes by (crate::device), so its warning can be checked here.
+    let facts = device::CudaFacts::probe();
+    writeln!(s, "  libtorch    {}", facts.torch_text())?;
+    writeln!(s, "  driver      {}", facts.driver_text())?;
+    match device::fallback_reason(&facts) {
+        None => writeln!(s, "  auto        cuda:0")?,
+        Some(reason) => writeln!(s, "  auto        CPU, because {reason}")?,
     }
     writeln!(s, "threads       {} intra-op", tch::get_num_threads())?;
     writeln!(s, "cache         {}", cache::root().display())?;

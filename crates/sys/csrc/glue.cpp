@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/headeronly/version.h>
 
@@ -130,6 +131,28 @@ char *flowmap_cuda_device_name(int index, char *buf, int len) {
         void *dev = nullptr;
         if (!init || !by_index || !get_name || init() != 0 || by_index(index, &dev) != 0 || get_name(dev, buf, len) != 0)
           throw std::runtime_error("NVML could not name device " + std::to_string(index));)
+}
+
+// The CUDA runtime version libtorch was compiled with (CUDART_VERSION: 1000*major + 10*minor, e.g.
+// 13000), or 0 when libtorch has no CUDA: a CPU-only build, or libtorch_cuda.so not loaded (its
+// hooks register on load). Compile-time facts only: touches neither the driver nor a GPU.
+char *flowmap_torch_cuda_version(int *version) {
+  GUARD(const auto &hooks = at::detail::getCUDAHooks();
+        *version = hooks.hasCUDART() ? static_cast<int>(hooks.versionCUDART()) : 0;)
+}
+// The newest CUDA version the installed driver supports (cuDriverGetVersion, same encoding), or 0
+// when the driver library libcuda.so.1 is absent. cuDriverGetVersion needs no cuInit and no GPU.
+char *flowmap_cuda_driver_version(int *version) {
+  GUARD(*version = 0;
+        // Not closed again: libtorch may load the same library, and libcuda does not like unloading.
+        void *cuda = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+        if (cuda) {
+          using get_t = int (*)(int *);
+          auto get = reinterpret_cast<get_t>(dlsym(cuda, "cuDriverGetVersion"));
+          int v = 0;
+          if (!get || get(&v) != 0) throw std::runtime_error("libcuda.so.1 is loaded but cuDriverGetVersion failed");
+          *version = v;
+        })
 }
 
 }  // extern "C"

@@ -25,6 +25,8 @@ mod ffi {
         pub fn flowmap_torch_version(buf: *mut c_char, len: i32) -> *mut c_char;
         pub fn flowmap_libtorch_path(buf: *mut c_char, len: i32) -> *mut c_char;
         pub fn flowmap_cuda_device_name(index: i32, buf: *mut c_char, len: i32) -> *mut c_char;
+        pub fn flowmap_torch_cuda_version(version: *mut i32) -> *mut c_char;
+        pub fn flowmap_cuda_driver_version(version: *mut i32) -> *mut c_char;
         pub fn flowmap_fused_adamw(
             params: *const *mut torch_sys::C_tensor,
             grads: *const *mut torch_sys::C_tensor,
@@ -308,4 +310,21 @@ pub fn libtorch_path() -> Result<String> {
 /// A CUDA device's name, from the driver's NVML library.
 pub fn cuda_device_name(index: i64) -> Result<String> {
     read_string(|b, l| unsafe { ffi::flowmap_cuda_device_name(index as i32, b, l) })
+}
+
+/// The CUDA version the loaded libtorch was compiled with, as CUDA encodes it (1000·major + 10·minor:
+/// 13000 for the PyPI wheel), or `None` when this process's libtorch has no CUDA (the cpu wheel, or
+/// `libtorch_cuda.so` not loaded). Safe on machines without a GPU or driver.
+pub fn torch_cuda_version() -> Result<Option<i32>> {
+    let mut v = 0;
+    check(unsafe { ffi::flowmap_torch_cuda_version(&mut v) })?;
+    Ok((v > 0).then_some(v))
+}
+
+/// The newest CUDA version the installed NVIDIA driver supports (`cuDriverGetVersion`, same
+/// encoding: 12080 for a 570 driver), or `None` when the driver library `libcuda.so.1` is absent.
+pub fn cuda_driver_version() -> Result<Option<i32>> {
+    let mut v = 0;
+    check(unsafe { ffi::flowmap_cuda_driver_version(&mut v) })?;
+    Ok((v > 0).then_some(v))
 }
