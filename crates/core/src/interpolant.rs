@@ -441,7 +441,7 @@ impl InterpolantConfig {
             Self::LinearSigmaMin(c) => {
                 anyhow::ensure!((0.0..1.0).contains(&c.sigma_min), "sigma_min must be in [0, 1), got {}", c.sigma_min)
             }
-            Self::VpCosine(c) => anyhow::ensure!(c.offset >= 0.0, "cosine offset must be >= 0, got {}", c.offset),
+            Self::VpCosine(c) => anyhow::ensure!(c.offset.is_finite() && c.offset >= 0.0, "cosine offset must be finite and >= 0, got {}", c.offset),
             Self::VpLinearBeta(c) | Self::DdpmLinearBeta(c) => {
                 anyhow::ensure!(c.steps >= 1, "steps must be >= 1, got {}", c.steps);
                 anyhow::ensure!(
@@ -451,7 +451,7 @@ impl InterpolantConfig {
                     c.beta_end
                 );
             }
-            Self::TrigFlow(c) => anyhow::ensure!(c.sigma_d > 0.0, "sigma_d must be > 0, got {}", c.sigma_d),
+            Self::TrigFlow(c) => anyhow::ensure!(c.sigma_d.is_finite() && c.sigma_d > 0.0, "sigma_d must be finite and > 0, got {}", c.sigma_d),
         }
         Ok(())
     }

@@ -378,7 +378,12 @@ impl TimeSamplerConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         match self {
             Self::Uniform(_) => {}
-            Self::LogitNormal(c) => anyhow::ensure!(c.std > 0.0, "logit-normal std must be > 0, got {}", c.std),
+            Self::LogitNormal(c) => anyhow::ensure!(
+                c.mean.is_finite() && c.std.is_finite() && c.std > 0.0,
+                "logit-normal needs a finite mean and a finite std > 0, got mean {} and std {}",
+                c.mean,
+                c.std
+            ),
             Self::DiscreteUniform(c) => anyhow::ensure!(c.bins >= 1, "bins must be >= 1, got {}", c.bins),
             Self::DdpmSteps(c) => anyhow::ensure!(c.steps >= 1, "steps must be >= 1, got {}", c.steps),
         }
@@ -465,8 +470,8 @@ impl PairSamplerConfig {
                 }
                 if let GridSpacing::Karras(k) = c.spacing {
                     anyhow::ensure!(
-                        0.0 < k.sigma_min && k.sigma_min < k.sigma_max && k.rho > 0.0,
-                        "need 0 < sigma_min < sigma_max and rho > 0"
+                        0.0 < k.sigma_min && k.sigma_min < k.sigma_max && k.sigma_max.is_finite() && k.rho > 0.0 && k.rho.is_finite(),
+                        "need 0 < sigma_min < sigma_max < inf and 0 < rho < inf"
                     );
                 }
             }

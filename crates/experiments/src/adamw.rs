@@ -4,7 +4,7 @@
 //! * `Fused`: libtorch's multi-tensor `at::_fused_adamw_` through flowmap-sys (what
 //!   `torch.optim.AdamW(fused=True)` runs; the default on CUDA). Equality of the two is tested in
 //!   crates/sys/tests/glue.rs and here.
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -33,6 +33,23 @@ fn default_betas() -> [f64; 2] {
 }
 fn default_eps() -> f64 {
     1e-8
+}
+
+impl AdamWConfig {
+    /// Range checks (errors name the key). A negative lr or grad_clip would ascend the loss.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.lr.is_finite() && self.lr > 0.0, "optimizer.lr = {}: must be finite and > 0", self.lr);
+        for (i, b) in self.betas.iter().enumerate() {
+            ensure!((0.0..1.0).contains(b), "optimizer.betas[{i}] = {b}: must be in [0, 1)");
+        }
+        ensure!(self.weight_decay.is_finite() && self.weight_decay >= 0.0, "optimizer.weight_decay = {}: must be finite and >= 0", self.weight_decay);
+        ensure!(self.lr * self.weight_decay < 1.0, "optimizer.lr * optimizer.weight_decay = {}: must be < 1 (each step multiplies the weights by 1 - lr*weight_decay)", self.lr * self.weight_decay);
+        ensure!(self.eps.is_finite() && self.eps > 0.0, "optimizer.eps = {}: must be finite and > 0", self.eps);
+        if let Some(c) = self.grad_clip {
+            ensure!(c > 0.0, "optimizer.grad_clip = {c}: must be > 0 (inf = no clipping; leave it out for none)");
+        }
+        Ok(())
+    }
 }
 
 /// Which implementation performs the update.

@@ -1,5 +1,5 @@
 //! `[model]`: which network a run trains, and a built network with its variables.
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use flowmap_core::VelocityField;
 use flowmap_models::{DitConfig, MlpConfig};
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,15 @@ impl ModelConfig {
             Self::Dit(c) => c.num_classes,
             Self::Mlp(c) => c.num_classes,
         }
+    }
+
+    /// Range checks of the architecture (before anything is built).
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Dit(c) => c.validate(),
+            Self::Mlp(c) => c.validate(),
+        }
+        .context("[model]")
     }
 
     /// Shape of one sample the network takes, e.g. `[1, 32, 32]` or `[2]`.

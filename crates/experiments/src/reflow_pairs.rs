@@ -5,14 +5,39 @@
 use crate::rng::{self, Stream};
 use crate::sampling::Weights;
 use crate::train::{load_run_weights, ExperimentConfig};
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use flowmap_objectives::reflow::{generate_pairs, Pairs};
 use std::path::Path;
 use tch::Device;
 
-/// Generates `count` couplings with `steps` sampling steps and writes them to `out`. Labels cycle
-/// through the classes (all null for an unconditional run). Seeded by (run.seed, Eval stream).
-pub fn make_pairs(run: &Path, cfg: &ExperimentConfig, weights: Weights, count: i64, steps: usize, batch: i64, out: &Path, device: Device) -> Result<Pairs> {
+/// What `flowmap reflow-pairs` asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct PairsRequest {
+    /// Couplings to generate.
+    pub count: i64,
+    /// Sampling steps of the run's `[sampling]` rule.
+    pub steps: usize,
+    /// Couplings per sampler call.
+    pub batch: i64,
+    pub weights: Weights,
+}
+
+impl PairsRequest {
+    /// Range checks (errors name the `flowmap reflow-pairs` argument).
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.count >= 1, "--count {}: must be >= 1", self.count);
+        ensure!(self.steps >= 1, "--steps {}: must be >= 1", self.steps);
+        ensure!(self.batch >= 1, "--batch {}: must be >= 1", self.batch);
+        Ok(())
+    }
+}
+
+/// Generates `req.count` couplings with `req.steps` sampling steps and writes them to `out`.
+/// Labels cycle through the classes (all null for an unconditional run). Seeded by (run.seed,
+/// Eval stream). The request is checked before anything is loaded.
+pub fn make_pairs(run: &Path, cfg: &ExperimentConfig, req: &PairsRequest, out: &Path, device: Device) -> Result<Pairs> {
+    req.validate()?;
+    let PairsRequest { count, steps, batch, weights } = *req;
     let net = load_run_weights(run, &cfg.model, weights, device)?;
     let num_classes = cfg.data.num_classes();
     let null = net.net.null_class();

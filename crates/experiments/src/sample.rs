@@ -5,7 +5,7 @@ use crate::rng::{self, Stream};
 use crate::run_dir::RunDir;
 use crate::sampling::Weights;
 use crate::train::{load_run_weights, ExperimentConfig};
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -21,9 +21,27 @@ pub struct SampleRequest {
     pub out: Option<PathBuf>,
 }
 
+impl SampleRequest {
+    /// Range checks against the run's config (errors name the `flowmap sample` argument).
+    pub fn validate(&self, cfg: &ExperimentConfig) -> Result<()> {
+        ensure!(!self.steps.is_empty() && self.steps.iter().all(|&s| s >= 1), "--steps {:?}: every step count must be >= 1 (and at least one is needed)", self.steps);
+        ensure!(self.num >= 1, "--num {}: must be >= 1", self.num);
+        if let Some(w) = self.cfg_scale {
+            ensure!(w.is_finite(), "--cfg-scale {w}: must be a finite number (1 = no guidance)");
+        }
+        let num_classes = cfg.data.num_classes();
+        if let Some(c) = self.class {
+            ensure!(num_classes > 0, "--class {c}: the run is unconditional (no classes)");
+            ensure!((0..num_classes).contains(&c), "--class {c}: must be in 0..={} (the run has {num_classes} classes)", num_classes - 1);
+        }
+        Ok(())
+    }
+}
+
 /// Writes `<out>/steps{N}.png` and `<out>/steps{N}.safetensors` for every step count; returns
-/// the output folder.
+/// the output folder. The request is checked first (nothing is loaded or written on an error).
 pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, device: Device) -> Result<PathBuf> {
+    req.validate(cfg)?;
     let net = load_run_weights(run, &cfg.model, req.weights, device)?;
     let out = req.out.clone().unwrap_or_else(|| RunDir::new(run).samples().join("sample"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -32,9 +50,6 @@ pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, devic
         sampling.cfg_scale = w;
     }
     let num_classes = cfg.data.num_classes();
-    if let Some(c) = req.class {
-        anyhow::ensure!(num_classes > 0 && (0..num_classes).contains(&c), "--class {c}: the model has {num_classes} classes");
-    }
     // Latent runs are decoded with the run's VAE before they are saved.
     let vae = crate::vae_section::for_run(&cfg.vae, &cfg.data).map(|v| v.load(device)).transpose()?;
     let mut shape = vec![req.num];

@@ -1,5 +1,5 @@
 //! `[sampling]`: how a run turns noise into samples for grids, `sample` and FID.
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use flowmap_core::{sample, uniform_grid, Diffusion, Guided, InterpolantConfig, NoParams, StepRule, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -70,8 +70,12 @@ impl SamplingConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(!self.steps.is_empty() && self.steps.iter().all(|&s| s >= 1), "sampling.steps must be a non-empty list of step counts >= 1, got {:?}", self.steps);
         ensure!(self.rule != RuleName::Sde || self.diffusion.is_some(), "sampling.rule = \"sde\" needs sampling.diffusion (e.g. {{ kind = \"sigma\", scale = 1.0 }})");
-        ensure!(self.grid_images >= 1, "sampling.grid_images must be >= 1");
-        self.path.validate()
+        if let Some(Diffusion::Constant(d) | Diffusion::Sigma(d)) = self.diffusion {
+            ensure!(d.scale.is_finite() && d.scale >= 0.0, "sampling.diffusion.scale = {}: must be finite and >= 0", d.scale);
+        }
+        ensure!(self.cfg_scale.is_finite(), "sampling.cfg_scale = {}: must be a finite number (1 = no guidance)", self.cfg_scale);
+        ensure!(self.grid_images >= 1, "sampling.grid_images = {}: must be >= 1", self.grid_images);
+        self.path.validate().context("sampling.path")
     }
 
     pub fn step_rule(&self) -> StepRule {

@@ -57,6 +57,39 @@ fn corrupt_images_are_skipped_counted_and_the_batch_stays_full() {
     assert!(row(&x, 1).equal(&row(&x, 3)) || row(&x, 1).equal(&row(&x, 3).flip([2])), "row 1 is a copy of image 3");
 }
 
+/// A JPEG cut after its headers and part of its scan decodes without error (the decoder fills the
+/// rest with grey); the loader must refuse it, so the folder reader skips and counts it like any
+/// unreadable file. A JPEG with bytes after its end marker is still fine.
+#[test]
+fn truncated_jpeg_is_skipped_and_counted_not_decoded_as_grey() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("flat");
+    std::fs::create_dir_all(&root).unwrap();
+    for i in 0..4 {
+        paper_support::image(96, 80, 7 + i).save(root.join(format!("img_{i}.jpg"))).unwrap();
+    }
+    let whole = std::fs::read(root.join("img_1.jpg")).unwrap();
+    let cut = &whole[..whole.len() * 2 / 3];
+    eprintln!("the image decoder alone on the cut file: {:?}", image::load_from_memory(cut).map(|i| (i.width(), i.height())));
+    std::fs::write(root.join("img_1.jpg"), cut).unwrap();
+    let mut trailing = std::fs::read(root.join("img_3.jpg")).unwrap();
+    trailing.extend_from_slice(b"\xFF\xDAtrailer bytes after EOI");
+    std::fs::write(root.join("img_3.jpg"), &trailing).unwrap();
+
+    let folder = ImageFolder::scan(&root, Layout::Flat).unwrap();
+    let err = format!("{:#}", folder.load(1, 32).unwrap_err());
+    assert!(err.contains("truncated JPEG") && err.contains("img_1.jpg"), "{err}");
+    assert_eq!(folder.load(3, 32).unwrap().len(), 32 * 32 * 3, "bytes after the end marker are ignored");
+
+    let mut reader = FolderReader::new(folder, 32, false, 0, None, 2, 0).unwrap();
+    let (x, _) = reader.batch(&[0, 1, 2, 3], 0, Device::Cpu).unwrap();
+    assert_eq!(reader.skips.count(), 1, "the cut file is counted once");
+    assert_eq!(reader.skips.bad_files()[0].0, 1);
+    assert!(x.get(1).equal(&x.get(2)), "row 1 is replaced by the next readable image, not a grey-filled decode");
+    assert_eq!(reader.skips.replaced_rows.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
 /// A stand-in encoder: 8× average pooling of (RGB, mean) → 4 channels; std from a fixed map.
 pub fn fake_encode(x: &Tensor) -> anyhow::Result<(Tensor, Tensor)> {
     let m = x.mean_dim(1, true, Kind::Float);

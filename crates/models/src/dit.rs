@@ -80,9 +80,9 @@ impl DitConfig {
         ensure!(self.depth >= 1 && d >= 4 && nh >= 1 && p >= 1, "dit: depth, hidden_size, num_heads, patch_size must be positive: {self:?}");
         ensure!(d % nh == 0, "dit: hidden_size {d} is not divisible by num_heads {nh}");
         ensure!(d % 4 == 0, "dit: hidden_size {d} must be divisible by 4 (2-D sin-cos position table)");
-        ensure!(self.input_size % p == 0, "dit: input_size {} is not divisible by patch_size {p}", self.input_size);
+        ensure!(self.input_size >= p && self.input_size % p == 0, "dit: input_size {} must be a positive multiple of patch_size {p}", self.input_size);
         ensure!(self.in_channels >= 1 && self.num_classes >= 0, "dit: in_channels >= 1 and num_classes >= 0 required");
-        ensure!(self.mlp_ratio > 0.0 && self.t_scale > 0.0, "dit: mlp_ratio and t_scale must be positive");
+        ensure!(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0 && self.t_scale.is_finite() && self.t_scale > 0.0, "dit: mlp_ratio ({}) and t_scale ({}) must be finite and > 0", self.mlp_ratio, self.t_scale);
         Ok(())
     }
 

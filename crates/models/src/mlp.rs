@@ -87,6 +87,15 @@ impl MlpConfig {
     pub fn init(&self, path: nn::Path) -> Result<Mlp> {
         Mlp::new(&path, self)
     }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.dim >= 1 && self.width >= 1 && self.depth >= 1 && self.num_classes >= 0, "mlp: dim, width, depth must be positive: {self:?}");
+        if let TimeEmbedding::Sinusoidal(s) = &self.time_embedding {
+            ensure!(s.features >= 2 && s.features % 2 == 0, "mlp: sinusoidal features must be even, got {}", s.features);
+            ensure!(s.scale.is_finite(), "mlp: sinusoidal scale must be finite, got {}", s.scale);
+        }
+        Ok(())
+    }
 }
 
 /// PyTorch's `nn.Linear` default init, U(±1/√fan_in) for weight and bias (tch's default weight
@@ -111,10 +120,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(path: &nn::Path, cfg: &MlpConfig) -> Result<Self> {
-        ensure!(cfg.dim >= 1 && cfg.width >= 1 && cfg.depth >= 1 && cfg.num_classes >= 0, "mlp: dim, width, depth must be positive: {cfg:?}");
-        if let TimeEmbedding::Sinusoidal(s) = &cfg.time_embedding {
-            ensure!(s.features >= 2 && s.features % 2 == 0, "mlp: sinusoidal features must be even, got {}", s.features);
-        }
+        cfg.validate()?;
         let (w, f) = (cfg.width, cfg.time_embedding.features());
         let x_in = torch_default_linear(path / "x_in", cfg.dim, w);
         let t_in = torch_default_linear(path / "t_in", f, w);

@@ -92,6 +92,9 @@ impl ConsistencyDistillationConfig {
         let grid = PairSamplerConfig::Consistency(self.grid);
         grid.validate()?;
         anyhow::ensure!((0.0..=1.0).contains(&self.teacher_h), "teacher_h must be in [0, 1], got {}", self.teacher_h);
+        if let Some(w) = self.teacher_cfg_scale {
+            anyhow::ensure!(w.is_finite(), "teacher_cfg_scale must be finite, got {w}");
+        }
         if let Some(c) = self.clip {
             anyhow::ensure!(c > 0.0, "clip must be > 0, got {c}");
         }

@@ -50,6 +50,9 @@ impl LiveReflowConfig {
         self.times.validate()?;
         anyhow::ensure!((0.0..=1.0).contains(&self.reflow_fraction), "reflow_fraction must be in [0, 1], got {}", self.reflow_fraction);
         anyhow::ensure!(self.rollout_steps >= 1, "rollout_steps must be >= 1, got {}", self.rollout_steps);
+        if let Some(w) = self.rollout_cfg_scale {
+            anyhow::ensure!(w.is_finite(), "rollout_cfg_scale must be finite, got {w}");
+        }
         anyhow::ensure!((0.0..=1.0).contains(&self.flow_h) && (0.0..=1.0).contains(&self.reflow_h), "flow_h and reflow_h must be in [0, 1]");
         let dropout = LabelDropout::new(self.label_dropout);
         dropout.validate()?;

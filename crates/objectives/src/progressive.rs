@@ -47,6 +47,9 @@ impl ProgressiveConfig {
         self.path.validate()?;
         anyhow::ensure!((1..=30).contains(&self.stages), "stages must be in 1..=30, got {}", self.stages);
         anyhow::ensure!(self.steps_per_stage >= 1, "steps_per_stage must be >= 1");
+        if let Some(w) = self.teacher_cfg_scale {
+            anyhow::ensure!(w.is_finite(), "teacher_cfg_scale must be finite, got {w}");
+        }
         if let Some(c) = self.clip {
             anyhow::ensure!(c > 0.0, "clip must be > 0, got {c}");
         }

@@ -29,7 +29,7 @@ impl AdaptiveWeighting {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.power >= 0.0, "weighting.power must be >= 0, got {}", self.power);
+        anyhow::ensure!(self.power.is_finite() && self.power >= 0.0, "weighting.power must be finite and >= 0, got {}", self.power);
         anyhow::ensure!(self.c > 0.0 || self.power == 0.0, "weighting.c must be > 0 when power > 0, got {}", self.c);
         Ok(())
     }

@@ -136,10 +136,14 @@ impl ImageFolder {
     }
 }
 
-/// Decodes a JPEG/PNG file (any colour type → RGB8) and applies [`center_crop_arr`].
+/// Decodes a JPEG/PNG file (any colour type → RGB8) and applies [`center_crop_arr`]. A JPEG cut
+/// short is an error: the decoder would fill the missing part with grey.
 pub fn load_center_cropped(path: &Path, size: u32) -> Result<Vec<u8>> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("opening {}", path.display()))?
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        ensure!(jpeg_is_complete(&bytes), "{}: truncated JPEG (no end-of-image marker after the image data)", path.display());
+    }
+    let img = image::ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
         .with_context(|| format!("reading {}", path.display()))?
         .decode()
@@ -148,6 +152,46 @@ pub fn load_center_cropped(path: &Path, size: u32) -> Result<Vec<u8>> {
     let (w, h) = img.dimensions();
     ensure!(w >= 1 && h >= 1, "{}: empty image", path.display());
     Ok(center_crop_arr(img.as_raw(), w as usize, h as usize, size as usize))
+}
+
+/// Whether a JPEG's marker structure runs to an end-of-image marker (EOI, FF D9): segments are
+/// skipped by their length, entropy-coded data up to the next marker (FF 00 is a stuffed byte,
+/// FF D0–D7 restart markers). A file cut anywhere before its EOI fails; bytes after it are ignored,
+/// and so are stray bytes before a marker (libjpeg's "extraneous bytes before marker" warning).
+fn jpeg_is_complete(b: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    loop {
+        // A marker: one or more FF fill bytes, then the code.
+        match b.get(i..).and_then(|rest| rest.iter().position(|&x| x == 0xFF)) {
+            Some(skip) => i += skip,
+            None => return false,
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&code) = b.get(i) else { return false };
+        i += 1;
+        match code {
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => continue, // standalone markers
+            _ => {}
+        }
+        let Some(len) = b.get(i..i + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else { return false };
+        if len < 2 {
+            return false;
+        }
+        i += len;
+        if code == 0xDA {
+            // Entropy-coded data of a scan: runs to the next marker that is not a stuffed byte or a restart.
+            loop {
+                match b.get(i..i + 2) {
+                    None => return false,
+                    Some([0xFF, n]) if *n != 0x00 && !(0xD0..=0xD7).contains(n) && *n != 0xFF => break,
+                    _ => i += 1,
+                }
+            }
+        }
+    }
 }
 
 /// ADM's `center_crop_arr` on an RGB8 image (HWC); returns size×size×3.

@@ -18,7 +18,7 @@
 //! resumed encode writes byte-identical shards and manifest to a straight one.
 use super::image_folder::{hwc_to_chw, ImageFolder, Layout, SkipLog};
 use crate::cache::sha256_file;
-use crate::checkpoint::write_atomic;
+use crate::atomic_file::write_atomic;
 use crate::rng::{self, Stream};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -153,6 +153,21 @@ pub struct EncodeOptions {
     pub max_new_shards: Option<usize>,
 }
 
+impl EncodeOptions {
+    /// Range checks before any work (errors name the `flowmap latents` argument). `factor` is the
+    /// VAE's spatial downsampling factor (8 for sd-vae-ft-mse): latents of an image size that is
+    /// not a multiple of it would not match any `data.image_size`.
+    pub fn validate(&self, factor: i64) -> Result<()> {
+        ensure!(factor >= 1, "the VAE's downsampling factor is {factor}");
+        let s = self.image_size as i64;
+        ensure!(s >= factor && s % factor == 0, "--image-size {s}: must be a multiple of the VAE's downsampling factor {factor}, at least {factor} (e.g. 256)");
+        ensure!(self.shard_size >= 1, "--shard-size {}: must be >= 1", self.shard_size);
+        ensure!(self.batch >= 1, "--batch {}: must be >= 1", self.batch);
+        ensure!(self.workers >= 1, "--workers {}: must be >= 1", self.workers);
+        Ok(())
+    }
+}
+
 /// What an encode call did.
 #[derive(Debug, Clone)]
 pub struct EncodeReport {
@@ -167,7 +182,10 @@ pub struct EncodeReport {
 /// Encodes `opts.source` with `encode` ((B, 3, S, S) in [−1, 1] → unscaled posterior (mean, std)),
 /// resuming from an existing manifest in `opts.out`.
 pub fn encode_folder(opts: &EncodeOptions, vae: VaeIdentity, latent_shape: Vec<i64>, encode: &mut dyn FnMut(&Tensor) -> Result<(Tensor, Tensor)>) -> Result<EncodeReport> {
-    ensure!(opts.shard_size >= 1 && opts.batch >= 1, "shard_size and batch must be >= 1");
+    // The factor the encoder's latent shape (C, h, w) implies; an image size it does not divide
+    // (or a zero-sized latent) fails `validate`.
+    ensure!(latent_shape.len() == 3 && latent_shape.iter().all(|&d| d >= 1) && latent_shape[1] == latent_shape[2], "latent shape {latent_shape:?} for --image-size {}: expected (C, h, h) with h >= 1", opts.image_size);
+    opts.validate(opts.image_size as i64 / latent_shape[1])?;
     let t0 = Instant::now();
     let folder = ImageFolder::scan(&opts.source, opts.layout)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;

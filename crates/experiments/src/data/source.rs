@@ -238,6 +238,15 @@ impl DataSet {
             DataSet::Latents => "latents",
         }
     }
+    /// Images in a split of a built-in data set (MNIST and Fashion-MNIST: 60,000 train, 10,000
+    /// test); None for folders and latents.
+    pub fn split_len(self, split: SplitName) -> Option<usize> {
+        match (self.is_builtin(), split) {
+            (false, _) => None,
+            (true, SplitName::Train) => Some(60_000),
+            (true, SplitName::Test) => Some(10_000),
+        }
+    }
     pub fn is_builtin(self) -> bool {
         matches!(self, DataSet::Mnist | DataSet::FashionMnist)
     }
@@ -290,11 +299,24 @@ impl DataConfig {
     /// Field checks that need no file system.
     pub fn validate(&self) -> Result<()> {
         let name = self.dataset.name();
+        if let Some(n) = self.limit {
+            ensure!(n >= 1, "data.limit = {n}: must be >= 1 (leave it out to use all the data)");
+        }
+        if let Some(p) = &self.reflow_pairs {
+            ensure!(!p.is_empty(), "data.reflow_pairs: empty path (a file made by `flowmap reflow-pairs`)");
+        }
         if self.dataset.is_builtin() {
             for (set, key) in [(self.path.is_some(), "path"), (self.layout.is_some(), "layout"), (self.num_classes.is_some(), "num_classes"), (self.image_size.is_some(), "image_size"), (self.flip.is_some(), "flip"), (self.workers.is_some(), "workers"), (self.prefetch.is_some(), "prefetch")] {
                 ensure!(!set, "data.{key} is for dataset = \"image_folder\" or \"latents\", not {name:?}");
             }
+            if let (Some(n), None, Some(total)) = (self.limit, &self.reflow_pairs, self.dataset.split_len(self.split)) {
+                ensure!(n <= total, "data.limit = {n}: must be between 1 and {total} (the size of {name} {:?})", self.split);
+            }
             return Ok(());
+        }
+        ensure!(self.path.as_ref().is_none_or(|p| !p.is_empty()), "data.path: empty path");
+        if let Some(w) = self.workers {
+            ensure!(w >= 1, "data.workers = {w}: must be >= 1 (leave it out to use all cores)");
         }
         ensure!(self.split == SplitName::Train, "data.split is for the built-in data sets; {name} reads all of data.path");
         if self.conditional {
@@ -303,8 +325,9 @@ impl DataConfig {
             ensure!(self.num_classes.is_none(), "data.num_classes is only for conditional = true");
         }
         let s = self.image_size();
-        ensure!(s >= 8 && s % LATENT_FACTOR == 0, "data.image_size = {s} must be a multiple of {LATENT_FACTOR}, at least 8");
+        ensure!(s >= LATENT_FACTOR && s % LATENT_FACTOR == 0, "data.image_size = {s}: must be a multiple of {LATENT_FACTOR}, at least {LATENT_FACTOR}");
         if self.dataset == DataSet::Latents {
+            ensure!(self.limit.is_none(), "data.limit is not supported with latents");
             for (set, key) in [(self.layout.is_some(), "layout"), (self.workers.is_some(), "workers"), (self.prefetch.is_some(), "prefetch")] {
                 ensure!(!set, "data.{key} is for dataset = \"image_folder\" (the latents manifest records the layout)");
             }
@@ -362,7 +385,6 @@ impl DataConfig {
                 let path = self.resolved_path()?;
                 let r = LatentReader::open(&path, verify, self.flip.unwrap_or(true), seed, null)?;
                 ensure!(r.manifest.image_size as i64 == self.image_size(), "{}: latents of {}² images, the config says data.image_size = {}", path.display(), r.manifest.image_size, self.image_size());
-                ensure!(self.limit.is_none(), "data.limit is not supported with latents");
                 Box::new(r)
             }
         };

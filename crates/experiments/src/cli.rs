@@ -1,0 +1,219 @@
+//! The `flowmap` command line (clap definitions). The binary (src/bin/flowmap.rs) only dispatches;
+//! the definitions live here so tests can parse every command the documentation shows
+//! (`Cli::try_parse_from`, tests/docs_commands.rs).
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "flowmap", version, about = "Few-step and one-step generative models on libtorch")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ResumeArg {
+    Auto,
+    Never,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum WeightsArg {
+    Ema,
+    Online,
+}
+
+impl From<WeightsArg> for crate::sampling::Weights {
+    fn from(w: WeightsArg) -> Self {
+        match w {
+            WeightsArg::Ema => Self::Ema,
+            WeightsArg::Online => Self::Online,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LayoutArg {
+    /// `class_folders` (the config spelling) is accepted too.
+    #[value(alias = "class_folders")]
+    ClassFolders,
+    Flat,
+}
+
+impl From<LayoutArg> for crate::data::image_folder::Layout {
+    fn from(l: LayoutArg) -> Self {
+        match l {
+            LayoutArg::ClassFolders => Self::ClassFolders,
+            LayoutArg::Flat => Self::Flat,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F16,
+    F32,
+}
+
+impl From<DtypeArg> for crate::data::latents::LatentDtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F16 => Self::F16,
+            DtypeArg::F32 => Self::F32,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Train from a TOML experiment file.
+    Train {
+        config: PathBuf,
+        /// Override a key: --set objective.times.equal_fraction=0.5 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// auto: continue from the newest complete checkpoint; never: refuse an existing run.
+        #[arg(long, value_enum, default_value = "auto")]
+        resume: ResumeArg,
+        /// Run directory (default: run.out_dir/run.name).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Stop (with a checkpoint) after this many steps of this invocation.
+        #[arg(long)]
+        max_steps: Option<u64>,
+        /// Check the config, model, data (and latents checksums) and VAE weights; do not train.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: skip the one forward pass of the model (slow on the CPU for XL/2).
+        #[arg(long, requires = "dry_run")]
+        no_forward: bool,
+        /// Resume even though the config differs from the run's config.toml in keys that change
+        /// training (the old file is kept and the change recorded in config_changes.jsonl).
+        #[arg(long)]
+        allow_config_change: bool,
+    },
+    /// Encode an image folder once into SD-VAE latent shards (posterior mean and std); resumes.
+    Latents {
+        /// Image folder (ImageNet train layout or a flat folder).
+        #[arg(long)]
+        source: PathBuf,
+        #[arg(long, value_enum, default_value = "class-folders")]
+        layout: LayoutArg,
+        /// Output folder (shards + manifest.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// VAE weights (diffusers diffusion_pytorch_model.safetensors); default $FLOWMAP_SD_VAE.
+        #[arg(long)]
+        vae: Option<PathBuf>,
+        /// A TOML file of VaeConfig fields (default: sd-vae-ft-mse).
+        #[arg(long)]
+        vae_arch: Option<PathBuf>,
+        /// Crop size in pixels: a multiple of the VAE's downsampling factor (8 for sd-vae-ft-mse).
+        #[arg(long, default_value_t = 256)]
+        image_size: u32,
+        /// Storage precision of mean and std.
+        #[arg(long, value_enum, default_value = "f16")]
+        dtype: DtypeArg,
+        /// Do not also encode the horizontally flipped images.
+        #[arg(long)]
+        no_flip: bool,
+        /// Source images per shard (>= 1).
+        #[arg(long, default_value_t = 10000)]
+        shard_size: usize,
+        /// Images per VAE forward (>= 1).
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Decode threads (>= 1; default: all cores).
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+        /// Stop after this many new shards (the next call resumes).
+        #[arg(long)]
+        max_shards: Option<usize>,
+    },
+    /// Sample images from a run at several step counts (PNG grids + safetensors).
+    Sample {
+        #[arg(long)]
+        run: PathBuf,
+        /// Step counts (each >= 1).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        steps: Vec<usize>,
+        /// Images per step count (>= 1).
+        #[arg(long, default_value_t = 64)]
+        num: i64,
+        #[arg(long, value_enum, default_value = "ema")]
+        weights: WeightsArg,
+        /// Classifier-free guidance scale (finite; default: the run's `sampling.cfg_scale`).
+        #[arg(long, allow_negative_numbers = true)]
+        cfg_scale: Option<f64>,
+        /// Class of every image, 0..K−1 (conditional runs; default: cycle through the classes).
+        #[arg(long)]
+        class: Option<i64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Two-stage reflow, stage one: (noise, sample) couplings from a trained run, for data.reflow_pairs.
+    ReflowPairs {
+        /// The trained (teacher) run.
+        #[arg(long)]
+        teacher: PathBuf,
+        /// Couplings to generate (>= 1).
+        #[arg(long)]
+        count: i64,
+        /// Sampling steps of the teacher's `[sampling]` rule (>= 1).
+        #[arg(long, default_value_t = 128)]
+        steps: usize,
+        #[arg(long, value_enum, default_value = "ema")]
+        weights: WeightsArg,
+        /// Couplings per sampler call (>= 1).
+        #[arg(long, default_value_t = 256)]
+        batch: i64,
+        /// Output file (default: `<teacher>/reflow_pairs.safetensors`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// FID (and KID) of a run at several step counts; appends to `<run>/fid.csv`.
+    Fid {
+        #[arg(long)]
+        run: PathBuf,
+        /// Step counts, each >= 1 (default: `[eval].steps` or `[sampling].steps` of the run).
+        #[arg(long, value_delimiter = ',')]
+        steps: Vec<usize>,
+        /// Generated images per step count, >= 2 (default: `[eval].num_samples`, else 1000).
+        #[arg(long)]
+        num_samples: Option<usize>,
+        #[arg(long, value_enum, default_value = "ema")]
+        weights: WeightsArg,
+        /// Use the TF / ADM convention instead of pytorch-fid's.
+        #[arg(long)]
+        tf: bool,
+        /// Reference statistics from a published .npz (mu, sigma) instead of a data split.
+        #[arg(long)]
+        ref_npz: Option<PathBuf>,
+        /// Reference images: the first N of the split, N >= 2 (default: `[eval].reference` or the whole split).
+        #[arg(long)]
+        ref_images: Option<usize>,
+    },
+    /// FID against steps for one or several runs, and their loss curves (PNG + SVG).
+    Plot {
+        #[arg(long = "run", required = true)]
+        runs: Vec<PathBuf>,
+        /// Output folder (default: the first run's plots/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Train (or reuse) one run per objective of a table spec, evaluate, write table + plot.
+    Table { spec: PathBuf },
+    /// Print torch/CUDA facts, cache locations and which data sets and weights are verified.
+    Doctor,
+}
