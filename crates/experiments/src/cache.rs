@@ -18,6 +18,13 @@ pub fn root() -> PathBuf {
     base.join("flowmap")
 }
 
+/// The root of derived caches (what flowmap can recompute from the data, such as FID reference
+/// statistics): `FLOWMAP_DERIVED_CACHE`, default the cache root. Tests and CI point it at an empty
+/// folder to see what a fresh machine sees.
+pub fn derived_root() -> PathBuf {
+    std::env::var_os("FLOWMAP_DERIVED_CACHE").map(PathBuf::from).unwrap_or_else(root)
+}
+
 /// The data directory inside the cache.
 pub fn data_dir() -> PathBuf {
     root().join("data")

@@ -1,10 +1,19 @@
 //! Atomic, verified checkpoints in a run directory.
 //!
 //! Layout: `checkpoints/step_00001000/{model,ema,optim}.safetensors, trainer_state.json, MANIFEST}`
-//! and `checkpoints/LATEST` (the name of the newest complete one). A checkpoint is written into
-//! `step_XXXXXXXX.tmp/`, every file fsynced, the MANIFEST (sha256 of every other file) written
-//! last, the directory renamed into place, then LATEST replaced atomically, and only then are old
-//! checkpoints beyond `keep` deleted. A directory without a valid MANIFEST is never loaded.
+//! and `checkpoints/LATEST` (the name of the newest complete one). A checkpoint is written into a
+//! uniquely named `step_XXXXXXXX.tmp-*/`, every file fsynced, the MANIFEST (sha256 of every other
+//! file) written last, the directory renamed into place, then LATEST replaced atomically, and only
+//! then are old checkpoints beyond `keep` deleted. A directory without a valid MANIFEST is never
+//! loaded.
+//!
+//! Re-saving a step that already has a checkpoint first renames the old one aside
+//! (`step_XXXXXXXX.old-*`) and deletes it only after the new one is in place, so that at every
+//! instant some complete checkpoint of that step exists: a complete `.tmp-*` or `.old-*` directory
+//! (MANIFEST present and verifying) is a valid resume point too.
+//!
+//! One writer per run: the caller holds the run directory's lock (see [`crate::file_lock`]).
+use crate::atomic_file::{fsync_dir, write_atomic};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,22 +28,47 @@ fn step_name(step: u64) -> String {
     format!("step_{step:08}")
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", dir.display()))
-}
-
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Writes `bytes` to `path` atomically (temp file in the same directory, fsync, rename, fsync dir).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().ok_or_else(|| anyhow!("{} has no parent directory", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
-    write_synced(&tmp, bytes)?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    fsync_dir(dir)
+/// What a directory entry of `checkpoints/` is, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum EntryKind {
+    /// Being written (`step_N.tmp-*`); complete once its MANIFEST exists.
+    Temp,
+    /// A complete checkpoint being replaced by a re-save of the same step (`step_N.old-*`).
+    Superseded,
+    /// `step_N`.
+    Final,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    step: u64,
+    kind: EntryKind,
+    dir: PathBuf,
+}
+
+fn parse_entry(name: &str) -> Option<(u64, EntryKind)> {
+    let rest = name.strip_prefix("step_")?;
+    let (digits, kind) = match rest.split_once('.') {
+        None => (rest, EntryKind::Final),
+        Some((d, suffix)) if suffix.starts_with("tmp") => (d, EntryKind::Temp),
+        Some((d, suffix)) if suffix.starts_with("old") => (d, EntryKind::Superseded),
+        Some(_) => return None,
+    };
+    Some((digits.parse().ok()?, kind))
+}
+
+/// A fault to inject in [`CheckpointDir::save`] (tests of crash safety).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Fail after the existing checkpoint of the step was renamed aside, before the new one is
+    /// renamed into place (what a kill at that instant leaves).
+    BetweenRenames,
 }
 
 /// What goes into one checkpoint.
@@ -72,30 +106,28 @@ pub struct CheckpointDir {
     pub root: PathBuf,
     /// How many complete checkpoints to keep (at least 1).
     pub keep: usize,
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
 }
 
 impl CheckpointDir {
     pub fn new(root: impl Into<PathBuf>, keep: usize) -> Self {
-        Self { root: root.into(), keep: keep.max(1) }
+        Self { root: root.into(), keep: keep.max(1), fault: None }
     }
 
     /// Writes a checkpoint atomically and returns it.
     pub fn save(&self, step: u64, contents: &CheckpointContents) -> Result<Checkpoint> {
         fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
         let name = step_name(step);
-        let tmp = self.root.join(format!("{name}.tmp"));
+        let tmp = tempfile::Builder::new().prefix(&format!("{name}.tmp-")).tempdir_in(&self.root).with_context(|| format!("creating a checkpoint folder in {}", self.root.display()))?.keep();
         let fin = self.root.join(&name);
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
-        }
-        fs::create_dir_all(&tmp)?;
         let mut manifest = String::new();
         for (stem, tensors) in &contents.tensors {
             let file = format!("{stem}.safetensors");
             let path = tmp.join(&file);
             let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
             Tensor::write_safetensors(&cpu, &path).with_context(|| format!("writing {}", path.display()))?;
-            fs::File::open(&path)?.sync_all()?;
+            fs::File::open(&path).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", path.display()))?;
             manifest.push_str(&format!("{}  {file}\n", crate::cache::sha256_file(&path)?));
         }
         let state = serde_json::to_vec_pretty(&contents.state)?;
@@ -103,64 +135,108 @@ impl CheckpointDir {
         manifest.push_str(&format!("{}  trainer_state.json\n", crate::cache::sha256_file(&tmp.join("trainer_state.json"))?));
         write_synced(&tmp.join(MANIFEST), manifest.as_bytes())?;
         fsync_dir(&tmp)?;
+        let rename = |from: &Path, to: &Path| fs::rename(from, to).with_context(|| format!("renaming {} to {}", from.display(), to.display())).and_then(|_| fsync_dir(&self.root));
         if fin.exists() {
-            fs::remove_dir_all(&fin)?; // re-saving the same step (e.g. after a resume)
+            // Re-saving a step (a stop right after a checkpoint step, a resume): the complete
+            // old one stays on disk, under another name, until the new one is in place.
+            let suffix = tmp.file_name().and_then(|n| n.to_str()).and_then(|n| n.split_once(".tmp-")).map(|(_, s)| s.to_string()).unwrap_or_default();
+            let old = self.root.join(format!("{name}.old-{suffix}"));
+            rename(&fin, &old)?;
+            if self.fault == Some(Fault::BetweenRenames) {
+                bail!("injected fault: {} renamed aside, {} not yet renamed into place", fin.display(), tmp.display());
+            }
+            rename(&tmp, &fin)?;
+            fs::remove_dir_all(&old).with_context(|| format!("removing the replaced checkpoint {}", old.display()))?;
+        } else {
+            rename(&tmp, &fin)?;
         }
-        fs::rename(&tmp, &fin).with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
-        fsync_dir(&self.root)?;
         write_atomic(&self.root.join(LATEST), format!("{name}\n").as_bytes())?;
-        self.prune()?;
+        self.prune(step)?;
         Ok(Checkpoint { step, dir: fin })
     }
 
-    /// Complete checkpoint directories (name parses, MANIFEST present), ascending by step.
-    /// Contents are verified by `verify`, not here.
-    pub fn candidates(&self) -> Vec<Checkpoint> {
+    /// Every `step_*` entry, complete or not, in resume order: newest step first and, within a
+    /// step, the final directory before a superseded one before a temporary one.
+    fn entries(&self) -> Vec<Entry> {
         let Ok(rd) = fs::read_dir(&self.root) else { return vec![] };
-        let mut out: Vec<Checkpoint> = rd
+        let mut out: Vec<Entry> = rd
             .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
             .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let step = name.strip_prefix("step_")?.parse::<u64>().ok()?;
-                e.path().join(MANIFEST).is_file().then(|| Checkpoint { step, dir: e.path() })
+                let (step, kind) = parse_entry(e.file_name().to_str()?)?;
+                Some(Entry { step, kind, dir: e.path() })
             })
             .collect();
-        out.sort_by_key(|c| c.step);
+        out.sort_by_key(|e| std::cmp::Reverse((e.step, e.kind)));
         out
     }
 
-    /// Deletes complete checkpoints beyond the newest `keep`, and stale `.tmp` directories.
-    fn prune(&self) -> Result<()> {
-        let all = self.candidates();
-        for c in all.iter().take(all.len().saturating_sub(self.keep)) {
-            fs::remove_dir_all(&c.dir).with_context(|| format!("removing old checkpoint {}", c.dir.display()))?;
-        }
-        for e in fs::read_dir(&self.root)?.flatten() {
-            if e.file_name().to_string_lossy().ends_with(".tmp") && e.path().is_dir() {
-                fs::remove_dir_all(e.path())?;
+    /// Complete checkpoint directories (MANIFEST present), ascending by step, one per step (the
+    /// final directory when there is one). Contents are verified by `verify`, not here.
+    pub fn candidates(&self) -> Vec<Checkpoint> {
+        let mut out: Vec<Checkpoint> = Vec::new();
+        for e in self.entries().into_iter().filter(|e| e.dir.join(MANIFEST).is_file()) {
+            if out.last().map(|c| c.step) != Some(e.step) {
+                out.push(Checkpoint { step: e.step, dir: e.dir });
             }
+        }
+        out.reverse();
+        out
+    }
+
+    /// Whether the folder holds any `step_*` directory at all (complete or not).
+    pub fn has_any(&self) -> bool {
+        !self.entries().is_empty()
+    }
+
+    /// Deletes final checkpoints beyond the newest `keep`, and temporary or superseded
+    /// directories of steps up to `saved` (left by an earlier crash; never newer ones, which may
+    /// be the only copy of a later step).
+    fn prune(&self, saved: u64) -> Result<()> {
+        let entries = self.entries();
+        let stale_finals = entries.iter().filter(|e| e.kind == EntryKind::Final).skip(self.keep);
+        let leftovers = entries.iter().filter(|e| e.kind != EntryKind::Final && e.step <= saved);
+        for e in stale_finals.chain(leftovers) {
+            fs::remove_dir_all(&e.dir).with_context(|| format!("removing old checkpoint {}", e.dir.display()))?;
         }
         Ok(())
     }
 
-    /// The checkpoint to resume from: LATEST if it verifies, else the newest one that verifies.
-    /// Incomplete or corrupt directories are skipped with a warning.
+    /// The checkpoint to resume from: LATEST if it verifies, else the newest one that verifies;
+    /// `None` only when the folder holds no `step_*` directory at all. Incomplete or corrupt
+    /// directories are skipped with a warning each; when there are some but none verifies, this is
+    /// an error listing every one and why (a run is never silently restarted from step 0).
     pub fn latest(&self) -> Result<Option<Checkpoint>> {
-        let mut order = self.candidates();
-        order.reverse();
+        let mut order = self.entries();
+        if order.is_empty() {
+            return Ok(None);
+        }
         if let Ok(name) = fs::read_to_string(self.root.join(LATEST)) {
-            if let Some(pos) = order.iter().position(|c| c.dir.file_name().map(|n| n.to_string_lossy() == name.trim()).unwrap_or(false)) {
-                let c = order.remove(pos);
-                order.insert(0, c);
+            if let Some(pos) = order.iter().position(|e| e.dir.file_name().is_some_and(|n| n.to_string_lossy() == name.trim())) {
+                let e = order.remove(pos);
+                order.insert(0, e);
             }
         }
-        for c in order {
-            match verify(&c.dir) {
-                Ok(()) => return Ok(Some(c)),
-                Err(e) => tracing::warn!("skipping checkpoint {}: {e:#}", c.dir.display()),
+        let mut rejected = Vec::new();
+        for e in order {
+            match verify(&e.dir) {
+                Ok(()) => {
+                    for r in &rejected {
+                        tracing::warn!("skipping checkpoint {r}");
+                    }
+                    if e.kind != EntryKind::Final {
+                        tracing::warn!("resuming from {}, a complete checkpoint left by an interrupted save", e.dir.display());
+                    }
+                    return Ok(Some(Checkpoint { step: e.step, dir: e.dir }));
+                }
+                Err(err) => rejected.push(format!("{err:#}")),
             }
         }
-        Ok(None)
+        bail!(
+            "{} holds checkpoint directories but none is complete and intact:\n  {}\nNothing was changed. Move the run directory aside (or delete the broken checkpoints) to start again, or restore a checkpoint from a backup.",
+            self.root.display(),
+            rejected.join("\n  ")
+        )
     }
 }
 

@@ -59,6 +59,35 @@ pub struct ReferenceConfig {
     pub layout: Option<crate::data::image_folder::Layout>, // of `folder`; default class_folders
 }
 
+impl EvalConfig {
+    /// Range checks (errors name the key, and the `flowmap fid` argument that sets it).
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.num_samples >= 2, "eval.num_samples = {} (fid --num-samples): must be >= 2 (FID needs a covariance)", self.num_samples);
+        ensure!(self.batch >= 1, "eval.batch = {}: must be >= 1", self.batch);
+        if let Some(steps) = &self.steps {
+            check_steps(steps, "eval.steps")?;
+        }
+        self.reference.validate()
+    }
+}
+
+impl ReferenceConfig {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(n) = self.num_images {
+            ensure!(n >= 2, "eval.reference.num_images = {n} (fid --ref-images): must be >= 2 (FID needs a covariance)");
+        }
+        ensure!(self.npz.as_ref().is_none_or(|p| !p.as_os_str().is_empty()), "eval.reference.npz (fid --ref-npz): empty path");
+        ensure!(self.folder.as_ref().is_none_or(|f| !f.is_empty()), "eval.reference.folder: empty path");
+        Ok(())
+    }
+}
+
+/// Step counts to evaluate: at least one, each >= 1. `what` names the key or argument.
+pub fn check_steps(steps: &[usize], what: &str) -> Result<()> {
+    ensure!(!steps.is_empty() && steps.iter().all(|&s| s >= 1), "{what} = {steps:?}: every step count must be >= 1 (and at least one is needed)");
+    Ok(())
+}
+
 /// The reference for a run, computed (or read from the cache) with `inception`.
 pub fn reference(cfg: &ExperimentConfig, eval: &EvalConfig, inception: &Inception) -> Result<Reference> {
     if let Some(npz) = &eval.reference.npz {
@@ -113,28 +142,26 @@ pub fn folder_reference(inception: &Inception, root: &Path, layout: Layout, size
     let key = fid::stats_cache_key(&identity, n, inception.preprocess(), inception.weights_sha256());
     let name = format!("{}-{size}", root.file_name().and_then(|f| f.to_str()).unwrap_or("folder"));
     let cache = fid::default_cache_dir().join(format!("{name}-{}-{}.npz", inception.preprocess().name(), &key[..16]));
-    if cache.exists() {
-        let mut r = Reference::from_npz(&cache)?;
-        r.name = format!("{name} ({n} images)");
-        r.preprocess = Some(inception.preprocess());
-        tracing::info!("reference statistics {} (cached)", cache.display());
-        return Ok(r);
-    }
+    let (mut r, _) = fid::cached_reference(&cache, n, || folder_features(inception, &folder, n, size))?;
+    r.name = format!("{name} ({n} images)");
+    r.preprocess = Some(inception.preprocess());
+    Ok(r)
+}
+
+/// Inception features of `n` evenly spaced images of `folder` (ADM center crop at `size`).
+fn folder_features(inception: &Inception, folder: &ImageFolder, n: usize, size: u32) -> Result<Reference> {
     let picks: Vec<i64> = (0..n).map(|i| (i * folder.len() / n) as i64).collect();
     let skips = SkipLog::default();
     let mut feats = vec![];
     for chunk in picks.chunks(inception.batch_size().max(1)) {
-        let b = load_batch(&folder, chunk, &vec![false; chunk.len()], size, &skips)?;
+        let b = load_batch(folder, chunk, &vec![false; chunk.len()], size, &skips)?;
         let (x, _) = b.to_tensors(size as i64, Device::Cpu);
         feats.push(inception.features(&x)?);
     }
     if skips.count() > 0 {
         tracing::warn!("{} unreadable reference images replaced by their next readable neighbour", skips.count());
     }
-    let r = Reference::from_features(format!("{name} ({n} images)"), Some(inception.preprocess()), Tensor::cat(&feats, 0))?;
-    std::fs::create_dir_all(fid::default_cache_dir()).ok();
-    r.write_npz(&cache)?;
-    Ok(r)
+    Reference::from_features("folder", Some(inception.preprocess()), Tensor::cat(&feats, 0))
 }
 
 /// The Inception network, reference statistics and (for latent runs) the VAE of an evaluation,
@@ -161,7 +188,7 @@ impl Evaluator {
     /// count and every training step sees the same inputs and a re-evaluation gives the same numbers.
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate(&self, cfg: &ExperimentConfig, net: &dyn VelocityField, weights: Weights, train_step: u64, steps: &[usize], run: &Path, device: Device) -> Result<Vec<FidRow>> {
-        ensure!(!steps.is_empty(), "no step counts to evaluate");
+        check_steps(steps, "step counts")?;
         let setting = SampleSetting { train_step, cfg_scale: cfg.sampling.cfg_scale, weights: weights.name().into() };
         let shape = cfg.model.sample_shape();
         let num_classes = cfg.data.num_classes();
@@ -190,7 +217,10 @@ impl Evaluator {
 }
 
 /// Evaluates the newest complete checkpoint of a trained run (see [`Evaluator::evaluate`]).
+/// `eval` and `steps` are checked first (nothing is loaded, computed or written on an error).
 pub fn evaluate_run(run: &Path, cfg: &ExperimentConfig, eval: &EvalConfig, weights: Weights, steps: &[usize], device: Device) -> Result<Vec<FidRow>> {
+    check_steps(steps, "--steps")?;
+    eval.validate()?;
     let ck = crate::checkpoint::CheckpointDir::new(RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint to evaluate", run.display()))?;
     let net = load_run_weights(run, &cfg.model, weights, device)?;
     Evaluator::new(cfg, eval, device)?.evaluate(cfg, net.net.as_ref(), weights, ck.step, steps, run, device)

@@ -18,7 +18,7 @@ pub mod stats;
 
 pub use inception::{quantize, Inception, Preprocess, FEATURE_DIM, INCEPTION_SIZE};
 pub use kid::{kernel_inception_distance, mmd2_unbiased, Kid, KidReference, KidSettings};
-pub use reference::{default_cache_dir, stats_cache_key, tensor_identity, RefDataset, Reference, SplitSpec};
+pub use reference::{cached_reference, default_cache_dir, stats_cache_key, tensor_identity, RefDataset, Reference, SplitSpec};
 pub use stats::{frechet_distance, FeatureStats, GaussianStats};
 
 /// Column names of `fid.csv`, in order (long format: one row per evaluation).
@@ -176,8 +176,10 @@ fn csv_field(s: &str) -> String {
 }
 
 /// Appends rows to a `fid.csv`, writing the header when the file is new or empty and refusing a
-/// file whose header differs.
+/// file whose header differs. Concurrent writers (two `flowmap fid` on one run, an in-training
+/// evaluation) take turns on `<path>.lock`, so the header is written once and rows never interleave.
 pub fn append_fid_csv(path: &Path, rows: &[FidRow]) -> Result<()> {
+    let _lock = crate::file_lock::FileLock::acquire(&path.with_extension("csv.lock"), &format!("appending to {}", path.display()))?;
     let header = FID_CSV_HEADER.join(",");
     let existing = std::fs::read_to_string(path).unwrap_or_default();
     if let Some(first) = existing.lines().next() {

@@ -1,11 +1,16 @@
 //! flowmap-experiments: data, configs, the training loop, evaluation and the `flowmap` command.
 pub mod adamw;
+pub mod atomic_file;
 pub mod cache;
 pub mod checkpoint;
+pub mod cli;
+pub mod config_change;
 pub mod data;
+pub mod device;
 pub mod doctor;
 pub mod dry_run;
 pub mod eval;
+pub mod file_lock;
 pub mod fid;
 pub mod image_grid;
 pub mod loader;

@@ -1,5 +1,6 @@
 //! A run directory: `runs/<name>/` with the resolved config, command line, git state, versions,
 //! logs, metrics, TensorBoard events, sample grids and checkpoints (ecosystem.md §3.1).
+use crate::file_lock::FileLock;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -33,16 +34,31 @@ impl RunDir {
     pub fn plots(&self) -> PathBuf {
         self.root.join("plots")
     }
+    pub fn config_changes(&self) -> PathBuf {
+        self.root.join("config_changes.jsonl")
+    }
+
+    /// Takes the run directory's exclusive lock (`LOCK`; held until dropped), creating the
+    /// directory if needed. Fails at once, naming the holding process, if another has it.
+    pub fn lock(&self) -> Result<FileLock> {
+        std::fs::create_dir_all(&self.root).with_context(|| format!("creating run directory {}", self.root.display()))?;
+        FileLock::try_acquire(&self.root.join("LOCK"), &format!("run directory {}", self.root.display()))
+    }
+
+    /// Writes the resolved config as config.toml.
+    pub fn write_config(&self, resolved: &toml::Table) -> Result<()> {
+        let text = format!("# resolved config written by flowmap train\n{}", toml::to_string(resolved)?);
+        crate::atomic_file::write_atomic(&self.config(), text.as_bytes())
+    }
 
     /// Creates the directory and writes config.toml, cmd.txt, git.txt and env.txt.
     pub fn create(&self, resolved: &toml::Table) -> Result<()> {
         std::fs::create_dir_all(&self.root).with_context(|| format!("creating run directory {}", self.root.display()))?;
-        let text = format!("# resolved config written by flowmap train\n{}", toml::to_string(resolved)?);
-        crate::checkpoint::write_atomic(&self.config(), text.as_bytes())?;
+        self.write_config(resolved)?;
         let cmd: Vec<String> = std::env::args().collect();
-        crate::checkpoint::write_atomic(&self.root.join("cmd.txt"), format!("{}\n", cmd.join(" ")).as_bytes())?;
-        crate::checkpoint::write_atomic(&self.root.join("git.txt"), git_state().as_bytes())?;
-        crate::checkpoint::write_atomic(&self.root.join("env.txt"), env_facts().as_bytes())?;
+        crate::atomic_file::write_atomic(&self.root.join("cmd.txt"), format!("{}\n", cmd.join(" ")).as_bytes())?;
+        crate::atomic_file::write_atomic(&self.root.join("git.txt"), git_state().as_bytes())?;
+        crate::atomic_file::write_atomic(&self.root.join("env.txt"), env_facts().as_bytes())?;
         Ok(())
     }
 }

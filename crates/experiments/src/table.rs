@@ -10,6 +10,8 @@ use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The spec file.
@@ -76,7 +78,9 @@ fn row_config(spec_path: &Path, spec: &TableSpec, row: &TableRow) -> Result<(tra
 
 /// Trains every row (continuing unfinished runs), evaluates missing (step count) cells, and
 /// writes `table.md`, `table.csv`, `fid_vs_steps.{png,svg}` and `loss.{png,svg}` in out_dir.
-pub fn run_table(spec_path: &Path) -> Result<TableReport> {
+/// `stop` (set by SIGTERM/SIGINT) checkpoints the run in progress at its next step boundary and
+/// returns an error saying so; the next call continues it.
+pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport> {
     let spec = read_spec(spec_path)?;
     let configs: Vec<_> = spec.rows.iter().map(|r| row_config(spec_path, &spec, r)).collect::<Result<_>>()?;
     std::fs::create_dir_all(&spec.table.out_dir).with_context(|| format!("creating {}", spec.table.out_dir.display()))?;
@@ -85,9 +89,9 @@ pub fn run_table(spec_path: &Path) -> Result<TableReport> {
     for (row, (cfg, table, dir)) in spec.rows.iter().zip(&configs) {
         tracing::info!("== {}: training {} ({} steps)", row.label, dir.display(), cfg.run.steps);
         let t0 = Instant::now();
-        let opts = TrainOptions { run_dir: Some(dir.clone()), resume: Resume::Auto, ..Default::default() };
+        let opts = TrainOptions { run_dir: Some(dir.clone()), resume: Resume::Auto, stop: Arc::clone(&stop), ..Default::default() };
         let summary = train::train(cfg, table, &opts)?;
-        ensure!(summary.outcome == Outcome::Finished, "{}: training stopped early", row.label);
+        ensure!(summary.outcome == Outcome::Finished, "{}: stopped at step {} (checkpoint written); run the same `flowmap table` command again to continue", row.label, summary.step);
         let train_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let have: Vec<FidRow> = if RunDir::new(dir).fid_csv().exists() { read_fid_csv(&RunDir::new(dir).fid_csv())? } else { vec![] };
@@ -106,9 +110,9 @@ pub fn run_table(spec_path: &Path) -> Result<TableReport> {
     let out = &spec.table.out_dir;
     let markdown = render_markdown(&spec, &results, &timings);
     let markdown_path = out.join("table.md");
-    crate::checkpoint::write_atomic(&markdown_path, markdown.as_bytes())?;
+    crate::atomic_file::write_atomic(&markdown_path, markdown.as_bytes())?;
     let csv_path = out.join("table.csv");
-    crate::checkpoint::write_atomic(&csv_path, render_csv(&results).as_bytes())?;
+    crate::atomic_file::write_atomic(&csv_path, render_csv(&results).as_bytes())?;
     let plot = crate::plot::fid_vs_nfe(&results, &out.join("fid_vs_steps"))?;
     let loss_runs: Vec<(String, PathBuf)> = spec.rows.iter().zip(&configs).map(|(r, (_, _, dir))| (r.label.clone(), RunDir::new(dir).metrics())).collect();
     crate::plot::loss_curves(&loss_runs, "loss", &out.join("loss"))?;

@@ -74,6 +74,26 @@ pub struct RunConfig {
     pub threads: Option<i32>,         // intra-op CPU threads (default: libtorch's choice)
 }
 
+impl RunConfig {
+    /// Range checks (errors name the key and the allowed range).
+    pub fn validate(&self) -> Result<()> {
+        let name = &self.name;
+        ensure!(
+            !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\']) && !name.chars().any(char::is_control),
+            "run.name = {name:?}: must be a non-empty folder name (not \".\" or \"..\", no '/', '\\' or control characters); it names the run directory under run.out_dir"
+        );
+        ensure!(self.steps >= 1, "run.steps = {}: must be >= 1", self.steps);
+        ensure!(self.batch_size >= 1, "run.batch_size = {}: must be >= 1", self.batch_size);
+        ensure!(self.log_every >= 1, "run.log_every = {}: must be >= 1", self.log_every);
+        ensure!(self.keep_checkpoints >= 1, "run.keep_checkpoints = {}: must be >= 1", self.keep_checkpoints);
+        ensure!(!self.out_dir.as_os_str().is_empty(), "run.out_dir: empty path (default \"runs\")");
+        if let Some(n) = self.threads {
+            ensure!(n >= 1, "run.threads = {n}: must be >= 1 (leave it out for libtorch's choice)");
+        }
+        Ok(())
+    }
+}
+
 fn default_out_dir() -> PathBuf {
     PathBuf::from("runs")
 }
@@ -97,15 +117,9 @@ pub enum DeviceChoice {
 }
 
 impl DeviceChoice {
+    /// `auto` without CUDA warns once with the reason; `cuda` without CUDA is an error (crate::device).
     pub fn device(self) -> Result<Device> {
-        Ok(match self {
-            DeviceChoice::Auto => Device::cuda_if_available(),
-            DeviceChoice::Cpu => Device::Cpu,
-            DeviceChoice::Cuda => {
-                ensure!(tch::Cuda::is_available(), "run.device = \"cuda\" but CUDA is not available (see `flowmap doctor`)");
-                Device::Cuda(0)
-            }
-        })
+        crate::device::resolve(self)
     }
 }
 
@@ -134,6 +148,13 @@ fn default_decay() -> f64 {
     0.9999
 }
 
+impl EmaConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!((0.0..=1.0).contains(&self.decay), "ema.decay = {}: must be in [0, 1]", self.decay);
+        Ok(())
+    }
+}
+
 impl Default for EmaConfig {
     fn default() -> Self {
         Self { decay: default_decay(), warmup: false }
@@ -150,6 +171,13 @@ pub struct TeacherConfig {
     pub weights: Weights,       // ema (default) | online
     #[serde(default)]
     pub init_student: bool,     // also start the student (and its EMA) from these weights
+}
+
+impl TeacherConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(!self.run.as_os_str().is_empty(), "teacher.run: empty path (the teacher's run directory)");
+        Ok(())
+    }
 }
 
 /// How a `train` call treats an existing run directory.
@@ -173,11 +201,14 @@ pub struct TrainOptions {
     pub max_steps_this_call: Option<u64>,
     /// Test hook: make the loss non-finite at these steps.
     pub inject_nan_at: Vec<u64>,
+    /// Continue a run whose config.toml differs from this config in keys that change results
+    /// (the change is recorded in the run directory); without it such a resume is refused.
+    pub allow_config_change: bool,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        Self { run_dir: None, resume: Resume::Auto, stop: Arc::new(AtomicBool::new(false)), max_steps_this_call: None, inject_nan_at: vec![] }
+        Self { run_dir: None, resume: Resume::Auto, stop: Arc::new(AtomicBool::new(false)), max_steps_this_call: None, inject_nan_at: vec![], allow_config_change: false }
     }
 }
 
@@ -222,10 +253,28 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<(ExperimentConfi
 impl ExperimentConfig {
     /// Cross-section checks serde cannot express.
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.run.steps >= 1, "run.steps must be >= 1");
-        ensure!(self.run.batch_size >= 1, "run.batch_size must be >= 1");
-        ensure!(self.run.log_every >= 1, "run.log_every must be >= 1");
+        self.run.validate()?;
         self.data.validate()?;
+        if let (Some(limit), None) = (self.data.limit, &self.data.reflow_pairs) {
+            ensure!(self.run.batch_size as usize <= limit, "run.batch_size = {} is larger than data.limit = {limit} (the images one epoch draws from)", self.run.batch_size);
+        }
+        self.model.validate()?;
+        self.optimizer.validate()?;
+        self.ema.validate()?;
+        if let Some(t) = &self.teacher {
+            t.validate()?;
+        }
+        if let Some(e) = &self.eval {
+            e.validate()?;
+        }
+        if let Some(v) = crate::vae_section::for_run(&self.vae, &self.data) {
+            v.arch.validate().context("[vae.arch]")?;
+            if self.data.dataset == crate::data::source::DataSet::Latents {
+                let s = self.data.image_size();
+                let (made, want) = (v.arch.latent_shape(s, s).to_vec(), self.data.sample_shape());
+                ensure!(made == want, "the VAE of [vae.arch] makes latents {made:?} of {s}² images, data.image_size = {s} implies {want:?} (4 channels, 8× downsampling)");
+            }
+        }
         ensure!(
             self.model.num_classes() == self.data.num_classes(),
             "model.num_classes = {} but the data has {} classes (data.conditional = {}); set model.num_classes = {}",
@@ -238,7 +287,7 @@ impl ExperimentConfig {
         let data_shape = self.data.sample_shape();
         ensure!(shape == data_shape, "the model takes samples of shape {shape:?} but {} samples are {data_shape:?} (set model.in_channels / model.input_size)", self.data.dataset.name());
         self.sampling.validate()?;
-        let objective = self.objective.build_for_batch(self.run.batch_size)?;
+        let objective = self.objective.build_for_batch(self.run.batch_size).with_context(|| format!("[objective] (kind = {:?}, run.batch_size = {})", objective_kind(&self.objective), self.run.batch_size))?;
         ensure!(!objective.needs_coupled_data() || self.data.reflow_pairs.is_some(), "objective.kind = {:?} trains on stored (noise, sample) pairs: set data.reflow_pairs to a file made by `flowmap reflow-pairs --teacher RUN`", objective_kind(&self.objective));
         ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", objective_kind(&self.objective));
         Ok(())
@@ -270,26 +319,13 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         tch::set_num_threads(n);
     }
     let device = cfg.run.device.device()?;
-    let run = RunDir::new(cfg.run_dir(opts));
-    let ckdir = CheckpointDir::new(run.checkpoints(), cfg.run.keep_checkpoints);
-    let resume_from = match opts.resume {
-        Resume::Auto => ckdir.latest()?,
-        Resume::Never => {
-            ensure!(ckdir.candidates().is_empty(), "{} already has checkpoints: pass --resume auto to continue it, or choose another run.name", run.root.display());
-            None
-        }
-    };
-    if resume_from.is_none() {
-        run.create(table)?;
-    }
-    tracing::info!("run directory {}", run.root.display());
-
-    // Data.
+    // Data, model and teacher first: their errors (missing files, a damaged shard) leave no run
+    // directory behind.
     let objective = cfg.objective.build_for_batch(cfg.run.batch_size)?;
     rng::reseed(cfg.run.seed, 0, Stream::Init);
     let mut online = cfg.model.build(device)?;
     let null_class = online.net.null_class();
-    let mut data = cfg.data.open(null_class, cfg.run.seed, false)?;
+    let mut data = cfg.data.open(null_class, cfg.run.seed, true)?; // latent shards: sha256 vs manifest
     tracing::info!("{}; model {} parameters on {:?}", data.describe(), online.num_parameters(), device);
 
     // Teacher, EMA, optimizer.
@@ -302,6 +338,23 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
             online.vs.copy(&t.vs)?;
         }
     }
+    let run = RunDir::new(cfg.run_dir(opts));
+    // One process per run directory for the whole call: a second `train` on it is refused.
+    let _lock = run.lock()?;
+    let ckdir = CheckpointDir::new(run.checkpoints(), cfg.run.keep_checkpoints);
+    let resume_from = match opts.resume {
+        Resume::Auto => ckdir.latest()?,
+        Resume::Never => {
+            ensure!(!ckdir.has_any(), "{} already has checkpoints: pass --resume auto to continue it, or choose another run.name", run.root.display());
+            None
+        }
+    };
+    match &resume_from {
+        None => run.create(table)?,
+        Some(ck) => crate::config_change::check_resume(&run, cfg, table, ck.step, opts.allow_config_change)?,
+    }
+    tracing::info!("run directory {}", run.root.display());
+
     let Net { vs: ema_vs, net: ema_net } = cfg.model.build(device)?;
     let mut ema = Ema::with_shadow(ema_vs, &online.vs, cfg.ema.decay, cfg.ema.warmup)?;
     let mut opt = AdamW::new(&online.vs, cfg.optimizer.clone());
@@ -344,6 +397,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
     let mut outcome = Outcome::Finished;
     let clock = Instant::now();
     let base_time = state.train_time_s;
+    let mut saved_step = resume_from.as_ref().map(|c| c.step);
 
     let save = |state: &TrainerState, online: &Net, ema: &Ema, opt: &AdamW, teacher: &Option<Net>| -> Result<()> {
         let mut tensors = vec![("model", online.named()), ("ema", named_vars(ema.shadow())), ("optim", opt.state())];
@@ -385,27 +439,27 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         let grad_norm = opt.clip_and_norm();
         // One host read per step: skipping or stopping needs to know now. CPU–GPU sync.
         let finite = loss.value.isfinite().logical_and(&grad_norm.isfinite()).int64_value(&[]) == 1;
-        if !finite {
+        if finite {
+            state.consecutive_skips = 0;
+            opt.step()?;
+            ema.update(&online.vs);
+        } else {
             match cfg.run.on_nonfinite {
                 NonFinite::Stop => {
-                    let last = ckdir.latest()?.map(|c| c.dir.display().to_string()).unwrap_or_else(|| "none yet".into());
+                    let last = ckdir.latest().ok().flatten().map(|c| c.dir.display().to_string()).unwrap_or_else(|| "none yet".into());
                     bail!("non-finite loss or gradient at step {step} (loss {}); stopping. Last good checkpoint: {last}. Lower the learning rate, or set run.on_nonfinite = \"skip\"", loss.value.double_value(&[]));
                 }
                 NonFinite::Skip => {
+                    // The update is skipped; the step still counts, and its checkpoint, grid and
+                    // evaluation work below still happens.
                     state.skipped_steps += 1;
                     state.consecutive_skips += 1;
                     tracing::warn!("step {step}: non-finite loss or gradient, update skipped ({} in a row)", state.consecutive_skips);
                     ensure!(state.consecutive_skips <= cfg.run.max_consecutive_skips, "{} non-finite steps in a row (run.max_consecutive_skips = {}); stopping", state.consecutive_skips, cfg.run.max_consecutive_skips);
                     opt.zero_grad();
-                    state.step += 1;
-                    state.data = order.position();
-                    continue;
                 }
             }
         }
-        state.consecutive_skips = 0;
-        opt.step()?;
-        ema.update(&online.vs);
         state.step += 1;
         state.data = order.position();
         state.ema_updates = ema.updates();
@@ -414,11 +468,12 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         let log_now = step.is_multiple_of(cfg.run.log_every) || step == cfg.run.steps;
         let (mut loss_read, mut rate) = (None, None);
         if log_now {
-            let l = loss.value.double_value(&[]);
+            let shown = objective.reported_metric().and_then(|name| loss.metrics.iter().find(|(k, _)| *k == name)).map(|(_, t)| t).unwrap_or(&loss.value);
+            let l = shown.double_value(&[]);
             let dt = last_log.0.elapsed().as_secs_f64();
             let r = (step - last_log.1) as f64 * cfg.run.batch_size as f64 / dt.max(1e-9);
             last_log = (Instant::now(), step);
-            let mut rec = serde_json::json!({ "step": step, "loss": l, "grad_norm": grad_norm.double_value(&[]), "lr": opt.lr(), "img_per_s": r, "skipped_steps": state.skipped_steps });
+            let mut rec = serde_json::json!({ "step": step, "loss": l, "loss_optimized": loss.value.double_value(&[]), "grad_norm": grad_norm.double_value(&[]), "lr": opt.lr(), "img_per_s": r, "skipped_steps": state.skipped_steps });
             for (name, value) in &loss.metrics {
                 rec[*name] = serde_json::json!(value.double_value(&[]));
             }
@@ -443,6 +498,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         if (cfg.run.checkpoint_every > 0 && step.is_multiple_of(cfg.run.checkpoint_every)) || end {
             state.train_time_s = base_time + clock.elapsed().as_secs_f64();
             save(&state, &online, &ema, &opt, &teacher)?;
+            saved_step = Some(step);
             progress.pause_done();
         }
         // In-training FID (after the checkpoint, so a failing evaluation loses no training). It
@@ -468,9 +524,11 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         tracing::warn!("{} unreadable image files were skipped (each replaced by the next readable index)", data.skipped());
     }
     if outcome == Outcome::Interrupted {
-        state.train_time_s = base_time + clock.elapsed().as_secs_f64();
-        save(&state, &online, &ema, &opt, &teacher)?;
-        tracing::info!("stopped at step {}; checkpoint written; continue with --resume auto", state.step);
+        if saved_step != Some(state.step) {
+            state.train_time_s = base_time + clock.elapsed().as_secs_f64();
+            save(&state, &online, &ema, &opt, &teacher)?;
+        }
+        tracing::info!("stopped at step {}; checkpoint in place; continue with --resume auto", state.step);
     }
     Ok(Summary { run_dir: run.root.clone(), step: state.step, outcome, skipped_steps: state.skipped_steps, last_loss })
 }

@@ -71,6 +71,12 @@ pub trait Objective: Send {
     /// Draws noise, times and label dropout; builds targets; returns the loss.
     /// `step` drives curricula (consistency-training resolution, progressive-distillation stages).
     fn loss(&self, nets: Nets<'_>, batch: &Batch, step: u64) -> Loss;
+    /// The metric of [`Loss::metrics`] that progress lines and `metrics.jsonl`'s `loss` show,
+    /// when the optimised value itself says little (MeanFlow's adaptively weighted loss is about 1
+    /// at every step by construction); `None` shows [`Loss::value`].
+    fn reported_metric(&self) -> Option<&'static str> {
+        None
+    }
     /// Whether `loss` uses `nets.teacher` (the loop then requires one).
     fn needs_teacher(&self) -> bool {
         false

@@ -167,6 +167,9 @@ impl MeanFlow {
 }
 
 impl Objective for MeanFlow {
+    fn reported_metric(&self) -> Option<&'static str> {
+        Some("mf_loss_unweighted")
+    }
     fn loss(&self, nets: Nets<'_>, batch: &Batch, _step: u64) -> Loss {
         let net = nets.online;
         let x = &batch.x;

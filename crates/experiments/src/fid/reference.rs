@@ -1,6 +1,7 @@
 //! Reference statistics: computed from a data set's split and cached on disk under a key that
 //! hashes everything that changes them, or read from a published `.npz` (`mu`, `sigma`).
 use crate::cache;
+use crate::file_lock::FileLock;
 use crate::data::idx::{self, Split};
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
@@ -85,9 +86,35 @@ pub struct Reference {
     pub features: Option<Tensor>,
 }
 
-/// The default cache folder for reference statistics: `<cache root>/fid-stats`.
+/// The default cache folder for reference statistics: `<derived cache>/fid-stats` (see
+/// [`cache::derived_root`]).
 pub fn default_cache_dir() -> PathBuf {
-    cache::root().join("fid-stats")
+    cache::derived_root().join("fid-stats")
+}
+
+/// The reference cached at `path` (an `.npz` with `features`, holding `n` rows), or `compute`d and
+/// stored there. One process computes a given entry at a time: the others wait on its lock
+/// (`<path>.lock`) and then read what it stored. A cached file that cannot be read (a corrupt or
+/// truncated file) is recomputed and replaced, with a warning. Returns whether it came from the cache.
+pub fn cached_reference(path: &Path, n: usize, compute: impl FnOnce() -> Result<Reference>) -> Result<(Reference, bool)> {
+    let _lock = FileLock::acquire(&path.with_extension("npz.lock"), &format!("computing {}", path.display()))?;
+    if path.exists() {
+        let read = Reference::from_npz(path).and_then(|r| {
+            let count = r.features.as_ref().map(|f| f.size()[0] as usize);
+            ensure!(count == Some(n), "it holds {count:?} feature rows, expected {n}");
+            Ok(r)
+        });
+        match read {
+            Ok(r) => {
+                tracing::info!(path = %path.display(), "reference statistics from the cache");
+                return Ok((r, true));
+            }
+            Err(e) => tracing::warn!("cached reference statistics {} are unusable ({e:#}); recomputing them", path.display()),
+        }
+    }
+    let r = compute()?;
+    r.write_npz(path)?;
+    Ok((r, false))
 }
 
 /// sha256 (hex) of everything that determines a set of reference statistics: the data's identity
@@ -134,24 +161,19 @@ impl Reference {
         let n = images.size()[0] as usize;
         let key = stats_cache_key(data_identity, n, inception.preprocess(), inception.weights_sha256());
         let path = cache_dir.join(format!("{name}-{}-{}.npz", inception.preprocess().name(), &key[..16]));
-        if path.exists() {
-            let mut r = Self::from_npz(&path).with_context(|| format!("reading cached reference statistics {} (delete it to recompute)", path.display()))?;
-            let count = r.features.as_ref().map(|f| f.size()[0] as usize);
-            ensure!(count == Some(n), "cached reference {} holds {count:?} feature rows, expected {n}: delete it to recompute", path.display());
-            r.name = name.to_string();
-            r.preprocess = Some(inception.preprocess());
-            tracing::info!(path = %path.display(), "reference statistics from the cache");
-            return Ok((r, true));
-        }
-        tracing::info!(images = n, name, "computing reference statistics");
-        let r = Self::from_images(inception, images, name)?;
-        r.write_npz(&path)?;
-        let meta = serde_json::json!({
-            "format": CACHE_FORMAT, "name": name, "data": data_identity, "num_images": n,
-            "preprocess": inception.preprocess().name(), "inception_sha256": inception.weights_sha256(), "key": key,
-        });
-        std::fs::write(path.with_extension("json"), serde_json::to_string_pretty(&meta)? + "\n").with_context(|| format!("writing {}", path.with_extension("json").display()))?;
-        Ok((r, false))
+        let (mut r, cached) = cached_reference(&path, n, || {
+            tracing::info!(images = n, name, "computing reference statistics");
+            let r = Self::from_images(inception, images, name)?;
+            let meta = serde_json::json!({
+                "format": CACHE_FORMAT, "name": name, "data": data_identity, "num_images": n,
+                "preprocess": inception.preprocess().name(), "inception_sha256": inception.weights_sha256(), "key": key,
+            });
+            crate::atomic_file::write_atomic(&path.with_extension("json"), (serde_json::to_string_pretty(&meta)? + "\n").as_bytes())?;
+            Ok(r)
+        })?;
+        r.name = name.to_string();
+        r.preprocess = Some(inception.preprocess());
+        Ok((r, cached))
     }
 
     /// Reference statistics of a built-in data set's split (verified against data/SHA256SUMS),

@@ -2,6 +2,7 @@
 //! (methods.md §18.3), plus the pytorch-fid `.npz` format (`mu`, `sigma`).
 use anyhow::{bail, ensure, Context, Result};
 use npyz::WriterBuilder;
+use std::io::Write;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -141,14 +142,11 @@ pub(crate) fn read_array<R: std::io::Read + std::io::Seek>(npz: &mut npyz::npz::
 }
 
 /// Writes named tensors as float64 (Double) or float32 (anything else, cast) arrays into a new
-/// `.npz`, first to a temporary name and then renamed, so a reader never sees half a file.
+/// `.npz` atomically ([`crate::atomic_file`]: a unique temporary file, renamed), so neither a
+/// reader nor a concurrent writer ever sees half a file.
 pub(crate) fn write_npz(path: &Path, arrays: &[(&str, &Tensor)]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("npz.partial");
-    let write = || -> Result<()> {
-        let mut npz = npyz::npz::NpzWriter::create(&tmp)?;
+    crate::atomic_file::write_atomic_with(path, |file| {
+        let mut npz = npyz::npz::NpzWriter::new(std::io::BufWriter::new(file));
         for (name, t) in arrays {
             let shape: Vec<u64> = t.size().iter().map(|&d| d as u64).collect();
             let t = t.to_device(Device::Cpu).contiguous();
@@ -166,12 +164,10 @@ pub(crate) fn write_npz(path: &Path, arrays: &[(&str, &Tensor)]) -> Result<()> {
                 w.finish()?;
             }
         }
-        drop(npz); // finishes the zip directory
+        let mut out = npz.zip_writer().finish()?; // the zip directory
+        out.flush()?;
         Ok(())
-    };
-    write().with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    })
 }
 
 /// Eigenvalues of a symmetric PSD A (Float64) with rounding noise set to 0: values below

@@ -1,4 +1,4 @@
-use flowmap_experiments::checkpoint::{verify, CheckpointContents, CheckpointDir};
+use flowmap_experiments::checkpoint::{verify, CheckpointContents, CheckpointDir, Fault};
 use tch::{Kind, Tensor};
 
 fn contents(step: u64) -> CheckpointContents<'static> {
@@ -66,4 +66,65 @@ fn a_corrupt_latest_falls_back_to_the_previous_complete_checkpoint() {
 fn no_checkpoint_gives_none() {
     let dir = tempfile::tempdir().unwrap();
     assert!(CheckpointDir::new(dir.path().join("absent"), 1).latest().unwrap().is_none());
+}
+
+fn w_of(ck: &flowmap_experiments::checkpoint::Checkpoint) -> f64 {
+    ck.tensors("model").unwrap()["w"].sum(Kind::Double).double_value(&[])
+}
+
+#[test]
+fn resaving_a_step_keeps_a_complete_checkpoint_of_it_even_when_killed_between_the_renames() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ck = CheckpointDir::new(dir.path(), 2);
+    ck.save(5, &contents(5)).unwrap();
+    // Re-save step 5 and fail after the old directory was renamed aside, before the new one is
+    // renamed in: what a kill -9 at that instant leaves.
+    ck.fault = Some(Fault::BetweenRenames);
+    let err = ck.save(5, &contents(7)).unwrap_err();
+    assert!(format!("{err:#}").contains("injected fault"), "{err:#}");
+    assert!(!dir.path().join("step_00000005").exists(), "the fault was not injected between the renames");
+    let found = ck.latest().unwrap().expect("no checkpoint of step 5 left");
+    assert_eq!(found.step, 5);
+    verify(&found.dir).unwrap();
+    assert_eq!(w_of(&found), 15.0 * 5.0, "not the old complete checkpoint");
+    // The next save (the resumed run) cleans up and leaves exactly one directory per step.
+    ck.fault = None;
+    ck.save(5, &contents(7)).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["LATEST", "step_00000005"]);
+    assert_eq!(w_of(&ck.latest().unwrap().unwrap()), 15.0 * 7.0);
+}
+
+#[test]
+fn a_complete_temporary_checkpoint_is_a_resume_point_and_is_pruned_only_once_superseded() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = CheckpointDir::new(dir.path(), 1);
+    ck.save(10, &contents(10)).unwrap();
+    // Killed after the MANIFEST of step 20 was written, before its rename.
+    let c20 = ck.save(20, &contents(20)).unwrap();
+    std::fs::rename(&c20.dir, dir.path().join("step_00000020.tmp-abc123")).unwrap();
+    let found = ck.latest().unwrap().unwrap();
+    assert_eq!(found.step, 20);
+    assert_eq!(w_of(&found), 15.0 * 20.0);
+    // Saving an older step (not possible in a run, but prune must not assume it) keeps it.
+    ck.save(15, &contents(15)).unwrap();
+    assert!(dir.path().join("step_00000020.tmp-abc123").exists(), "a newer complete checkpoint was pruned");
+    ck.save(30, &contents(30)).unwrap();
+    assert!(!dir.path().join("step_00000020.tmp-abc123").exists());
+}
+
+#[test]
+fn latest_is_an_error_when_checkpoints_exist_but_none_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = CheckpointDir::new(dir.path(), 2);
+    let c = ck.save(10, &contents(10)).unwrap();
+    std::fs::remove_file(c.dir.join("MANIFEST")).unwrap();
+    let err = format!("{:#}", ck.latest().unwrap_err());
+    assert!(err.contains("none is complete and intact") && err.contains("has no MANIFEST"), "{err}");
+    assert!(ck.has_any());
+    // An incomplete temporary directory alone is reported too, not taken for "no checkpoint".
+    let dir2 = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir2.path().join("step_00000003.tmp-xyz")).unwrap();
+    assert!(CheckpointDir::new(dir2.path(), 1).latest().is_err());
 }
