@@ -60,7 +60,7 @@ fn resume_auto_refuses_a_run_whose_checkpoints_are_all_broken_and_changes_nothin
     let f = ck.dir.join("model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
-    let o = run(train_cmd(&runp, &cache, &["run.steps=6", "run.checkpoint_every=2", "run.log_every=1"], &["--allow-config-change"]));
+    let o = run(train_cmd(&runp, &cache, SHORT, &["--set", "run.keep_checkpoints=1"]));
     assert!(!o.status.success(), "resumed from a corrupt checkpoint");
     assert!(stderr(&o).contains("none is complete and intact") && stderr(&o).contains("model.safetensors does not match"), "{}", stderr(&o));
     // A deleted MANIFEST is reported as such.
