@@ -69,7 +69,7 @@ pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, devic
         .to_device(Device::Cpu);
         crate::image_grid::save_grid(&x, &out.join(format!("steps{steps}.png")))?;
         let path = out.join(format!("steps{steps}.safetensors"));
-        Tensor::write_safetensors(&[("images", &x), ("class", &class.to_device(Device::Cpu))], &path).with_context(|| format!("writing {}", path.display()))?;
+        crate::atomic_file::write_atomic_to(&path, |tmp| Ok(Tensor::write_safetensors(&[("images", &x), ("class", &class.to_device(Device::Cpu))], tmp)?))?;
         tracing::info!("{} samples with {steps} steps → {}", req.num, path.display());
     }
     Ok(out)

@@ -143,6 +143,25 @@ fn latents_resume_skips_verified_shards_and_gives_the_same_manifest() {
     assert_eq!(Vec::<i64>::try_from(&c0).unwrap(), vec![0, 1, 0]);
 }
 
+#[test]
+fn a_second_encoder_on_the_same_latents_folder_is_refused_and_a_finished_one_leaves_no_temporary_files() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("train");
+    paper_support::class_folder(&root, 2, 2, 40);
+    let out = dir.path().join("latents");
+    // Another encoder holds the folder.
+    let held = flowmap_experiments::file_lock::FileLock::try_acquire(&out.join("LOCK"), "test").unwrap();
+    let err = format!("{:#}", encode_folder(&opts(&root, &out, None), vae_id(), vec![4, 4, 4], &mut fake_encode).unwrap_err());
+    assert!(err.contains("is in use by pid") && err.contains(&std::process::id().to_string()), "{err}");
+    assert!(!out.join("manifest.json").exists());
+    drop(held);
+    let r = encode_folder(&opts(&root, &out, None), vae_id(), vec![4, 4, 4], &mut fake_encode).unwrap();
+    assert!(r.complete);
+    let leftovers: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // With a tiny random VAE (f = 8, like sd-vae-ft-mse, but 8 channels per level and one resnet).
 

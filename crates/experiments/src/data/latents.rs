@@ -189,6 +189,8 @@ pub fn encode_folder(opts: &EncodeOptions, vae: VaeIdentity, latent_shape: Vec<i
     let t0 = Instant::now();
     let folder = ImageFolder::scan(&opts.source, opts.layout)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    // One encoder per output folder: a second `flowmap latents` on it is refused, naming the first.
+    let _lock = crate::file_lock::FileLock::try_acquire(&opts.out.join("LOCK"), &format!("latents folder {}", opts.out.display()))?;
     let mut manifest = Manifest {
         format: FORMAT.into(),
         complete: false,
@@ -292,10 +294,7 @@ pub fn encode_folder(opts: &EncodeOptions, vae: VaeIdentity, latent_shape: Vec<i
         for (name, t) in &tensors[..2] {
             ensure!(t.size()[1..] == manifest.latent_shape[..], "the encoder returned {name} of shape {:?}, expected (N, {:?})", t.size(), manifest.latent_shape);
         }
-        let tmp = opts.out.join(format!(".{file}.tmp"));
-        Tensor::write_safetensors(&tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        crate::atomic_file::write_atomic_to(&path, |tmp| Ok(Tensor::write_safetensors(&tensors, tmp)?))?;
         done.push(ShardEntry { file, first_index: first, sources: count, rows, sha256: sha256_file(&path)? });
         encoded_shards += 1;
         done.sort_by_key(|s| s.first_index);
