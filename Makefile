@@ -14,7 +14,10 @@ build: setup
 demo: build
 	./target/release/flowmap table experiments/demo_mnist.toml
 
+# Formatting and lints are part of the tests: CI fails on unformatted code or any clippy warning.
 test: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 	$(CARGO) test --release --workspace
 
 doctor: build

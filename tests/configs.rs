@@ -27,11 +27,7 @@ fn every_experiment_file_parses_and_validates() {
     let mut failures = vec![];
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
-        let result = if text.lines().any(|l| l.trim() == "[table]") {
-            table::read_spec(f).map(|_| ())
-        } else {
-            train::load_config(f, &[]).map(|_| ())
-        };
+        let result = if text.lines().any(|l| l.trim() == "[table]") { table::read_spec(f).map(|_| ()) } else { train::load_config(f, &[]).map(|_| ()) };
         if let Err(e) = result {
             failures.push(format!("{}: {e:#}", f.display()));
         }

@@ -42,7 +42,9 @@ fn train(cfg: ObjectiveConfig, seed: i64) -> (VarStore, flowmap::models::Mlp) {
         // Smooth in t and h: MeanFlow differentiates the net along t (scale 1000 makes du/dt rough).
         time_embedding: TimeEmbedding::Sinusoidal(SinusoidalTime { features: 64, scale: 30.0 }),
         ..MlpConfig::new(2)
-    }.init(vs.root()).unwrap();
+    }
+    .init(vs.root())
+    .unwrap();
     let objective = cfg.build_for_batch(BATCH).unwrap();
     let mut opt = nn::AdamW::default().build(&vs, 2e-3).unwrap();
     opt.set_weight_decay(0.0);
@@ -79,11 +81,7 @@ fn one_step_mean_flow_and_shortcut_beat_one_step_flow_matching() {
     let t0 = std::time::Instant::now();
     let fm = train(ObjectiveConfig::FlowMatching(FlowMatchingConfig { label_dropout: no_dropout, ..Default::default() }), SEED + 1);
     let mf = train(
-        ObjectiveConfig::MeanFlow(MeanFlowConfig {
-            times: flowmap::time::MeanFlowPairsConfig { equal_fraction: 0.25, times: flowmap::TimeSamplerConfig::Uniform(flowmap::NoParams {}) },
-            label_dropout: no_dropout,
-            ..Default::default()
-        }),
+        ObjectiveConfig::MeanFlow(MeanFlowConfig { times: flowmap::time::MeanFlowPairsConfig { equal_fraction: 0.25, times: flowmap::TimeSamplerConfig::Uniform(flowmap::NoParams {}) }, label_dropout: no_dropout, ..Default::default() }),
         SEED + 2,
     );
     let t1 = std::time::Instant::now();

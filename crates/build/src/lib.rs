@@ -10,8 +10,7 @@
 /// publishes the libtorch directory as `DEP_FLOWMAP_SYS_LIBTORCH_LIB`.
 pub fn link_libtorch() {
     println!("cargo:rerun-if-env-changed=DEP_FLOWMAP_SYS_LIBTORCH_LIB");
-    let lib = std::env::var("DEP_FLOWMAP_SYS_LIBTORCH_LIB")
-        .expect("DEP_FLOWMAP_SYS_LIBTORCH_LIB is not set: this package must depend on flowmap-sys directly");
+    let lib = std::env::var("DEP_FLOWMAP_SYS_LIBTORCH_LIB").expect("DEP_FLOWMAP_SYS_LIBTORCH_LIB is not set: this package must depend on flowmap-sys directly");
     link_libtorch_at(&lib);
 }
 

@@ -43,8 +43,7 @@ impl Ema {
     /// copy, and initialises it from `online`. Its variables are frozen.
     pub fn with_shadow(mut shadow: nn::VarStore, online: &nn::VarStore, decay: f64, warmup: bool) -> anyhow::Result<Self> {
         shadow.copy(online)?;
-        let missing: Vec<String> =
-            online.variables().into_keys().filter(|k| !shadow.variables().contains_key(k)).collect();
+        let missing: Vec<String> = online.variables().into_keys().filter(|k| !shadow.variables().contains_key(k)).collect();
         anyhow::ensure!(missing.is_empty(), "shadow store lacks variables of the online store: {missing:?}");
         shadow.freeze();
         Ok(Self::finish(shadow, decay, warmup))

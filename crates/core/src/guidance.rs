@@ -31,12 +31,7 @@ impl VelocityField for Guided<'_> {
             return self.net.forward(x_t, t, h, class);
         }
         let null = class.full_like(self.net.null_class());
-        let both = self.net.forward(
-            &Tensor::cat(&[x_t, x_t], 0),
-            &Tensor::cat(&[t, t], 0),
-            &Tensor::cat(&[h, h], 0),
-            &Tensor::cat(&[class, &null], 0),
-        ); // (2B, ...)
+        let both = self.net.forward(&Tensor::cat(&[x_t, x_t], 0), &Tensor::cat(&[t, t], 0), &Tensor::cat(&[h, h], 0), &Tensor::cat(&[class, &null], 0)); // (2B, ...)
         let halves = both.chunk(2, 0);
         let (cond, uncond) = (&halves[0], &halves[1]);
         let guided = uncond + (cond - uncond) * self.scale;

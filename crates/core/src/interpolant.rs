@@ -332,10 +332,7 @@ impl DdpmSchedule {
         let n = self.steps;
         let t64 = t.to_kind(Kind::Double);
         // Node m = 0 is t = 0 (ā = 1); node m ≥ 1 is step m − 1.
-        let nodes = Tensor::cat(
-            &[Tensor::zeros([1], (Kind::Double, t.device())), self.betas(t.device()).neg().log1p().cumsum(0, Kind::Double)],
-            0,
-        );
+        let nodes = Tensor::cat(&[Tensor::zeros([1], (Kind::Double, t.device())), self.betas(t.device()).neg().log1p().cumsum(0, Kind::Double)], 0);
         let pos = &t64 * n as f64;
         let m = pos.floor().clamp(0.0, (n - 1) as f64);
         let frac = &pos - &m;
@@ -412,9 +409,11 @@ impl Default for VpCosineConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DdpmConfig {
-    pub steps: i64,      // number of discrete steps; default 1000
+    /// number of discrete steps; default 1000
+    pub steps: i64,
     pub beta_start: f64, // beta of the first step; default 1e-4
-    pub beta_end: f64,   // beta of the last step; default 0.02
+    /// beta of the last step; default 0.02
+    pub beta_end: f64,
 }
 impl Default for DdpmConfig {
     fn default() -> Self {
@@ -444,12 +443,7 @@ impl InterpolantConfig {
             Self::VpCosine(c) => anyhow::ensure!(c.offset.is_finite() && c.offset >= 0.0, "cosine offset must be finite and >= 0, got {}", c.offset),
             Self::VpLinearBeta(c) | Self::DdpmLinearBeta(c) => {
                 anyhow::ensure!(c.steps >= 1, "steps must be >= 1, got {}", c.steps);
-                anyhow::ensure!(
-                    0.0 < c.beta_start && c.beta_start <= c.beta_end && c.beta_end < 1.0,
-                    "need 0 < beta_start <= beta_end < 1, got {} and {}",
-                    c.beta_start,
-                    c.beta_end
-                );
+                anyhow::ensure!(0.0 < c.beta_start && c.beta_start <= c.beta_end && c.beta_end < 1.0, "need 0 < beta_start <= beta_end < 1, got {} and {}", c.beta_start, c.beta_end);
             }
             Self::TrigFlow(c) => anyhow::ensure!(c.sigma_d.is_finite() && c.sigma_d > 0.0, "sigma_d must be finite and > 0, got {}", c.sigma_d),
         }

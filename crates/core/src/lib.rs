@@ -23,13 +23,7 @@ pub use config::NoParams;
 pub use ema::Ema;
 pub use gaussian::{ExactAverageVelocity, ExactEps, ExactVelocity, GaussianData};
 pub use guidance::Guided;
-pub use interpolant::{
-    DdpmConfig, DdpmSchedule, Interpolant, InterpolantConfig, Linear, SigmaMinConfig, TrigFlow, TrigFlowConfig,
-    VpCosine, VpCosineConfig, VpLinearBeta,
-};
+pub use interpolant::{DdpmConfig, DdpmSchedule, Interpolant, InterpolantConfig, Linear, SigmaMinConfig, TrigFlow, TrigFlowConfig, VpCosine, VpCosineConfig, VpLinearBeta};
 pub use net::{per_sample, VelocityField};
 pub use sampling::{check_grid, sample, uniform_grid, Diffusion, DiffusionScale, StepRule, TimeGrid};
-pub use time::{
-    ConsistencyCurriculum, ConsistencyGrid, CtSchedule, DdpmSteps, DiscreteUniform, DyadicSteps, GridSpacing,
-    LogitNormal, MeanFlowPairs, PairSampler, PairSamplerConfig, TimePair, TimeSampler, TimeSamplerConfig, Uniform,
-};
+pub use time::{ConsistencyCurriculum, ConsistencyGrid, CtSchedule, DdpmSteps, DiscreteUniform, DyadicSteps, GridSpacing, LogitNormal, MeanFlowPairs, PairSampler, PairSamplerConfig, TimePair, TimeSampler, TimeSamplerConfig, Uniform};

@@ -145,14 +145,7 @@ impl GridCoefficients {
 /// passed as (B,) tensors of kind Double if `noise` is Double, Float otherwise.
 ///
 /// Never reads a device tensor back to the host (see the module docs).
-pub fn sample(
-    net: &dyn VelocityField,
-    path: &dyn Interpolant,
-    noise: Tensor,
-    class: &Tensor,
-    grid: &[f64],
-    rule: StepRule,
-) -> Tensor {
+pub fn sample(net: &dyn VelocityField, path: &dyn Interpolant, noise: Tensor, class: &Tensor, grid: &[f64], rule: StepRule) -> Tensor {
     if let Err(e) = check_grid(grid) {
         panic!("{e}");
     }

@@ -141,10 +141,7 @@ impl DyadicSteps {
     pub fn levels(&self, n: i64, device: Device) -> Tensor {
         let count = self.max_level as i64 + 1;
         let per = n / count;
-        assert!(
-            per >= 1,
-            "dyadic step sampler needs at least {count} rows (one per level), got {n} (shortcut-models issue #11)"
-        );
+        assert!(per >= 1, "dyadic step sampler needs at least {count} rows (one per level), got {n} (shortcut-models issue #11)");
         let q = Tensor::arange(n, (Kind::Int64, device)).floor_divide_scalar(per);
         let level = (-&q) + self.max_level as i64;
         level.where_self(&q.lt(count), &level.zeros_like())
@@ -179,7 +176,8 @@ pub enum GridSpacing {
 pub struct KarrasSpacing {
     pub sigma_min: f64, // EDM noise level of the first point; default 0.002
     pub sigma_max: f64, // EDM noise level of the last point; default 80
-    pub rho: f64,       // default 7
+    /// default 7
+    pub rho: f64,
 }
 impl Default for KarrasSpacing {
     fn default() -> Self {
@@ -251,7 +249,8 @@ pub struct FixedPoints {
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DoublingSchedule {
-    pub stages: u32,      // number of doublings; Shortcut code: 7
+    /// number of doublings; Shortcut code: 7
+    pub stages: u32,
     pub total_steps: u64, // training steps the curriculum spans
 }
 
@@ -259,8 +258,10 @@ pub struct DoublingSchedule {
 #[serde(deny_unknown_fields)]
 pub struct ProgressiveSchedule {
     pub start_scales: i64, // s₀; OpenAI CT ImageNet-64: 2
-    pub end_scales: i64,   // s₁; OpenAI CT ImageNet-64: 200
-    pub total_steps: u64,  // K
+    /// s₁; OpenAI CT ImageNet-64: 200
+    pub end_scales: i64,
+    /// K
+    pub total_steps: u64,
 }
 
 impl CtSchedule {
@@ -337,7 +338,8 @@ pub enum TimeSamplerConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct LogitNormalConfig {
     pub mean: f64, // default -0.4 (MeanFlow ImageNet)
-    pub std: f64,  // default 1.0 (MeanFlow ImageNet)
+    /// default 1.0 (MeanFlow ImageNet)
+    pub std: f64,
 }
 impl Default for LogitNormalConfig {
     fn default() -> Self {
@@ -378,12 +380,7 @@ impl TimeSamplerConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         match self {
             Self::Uniform(_) => {}
-            Self::LogitNormal(c) => anyhow::ensure!(
-                c.mean.is_finite() && c.std.is_finite() && c.std > 0.0,
-                "logit-normal needs a finite mean and a finite std > 0, got mean {} and std {}",
-                c.mean,
-                c.std
-            ),
+            Self::LogitNormal(c) => anyhow::ensure!(c.mean.is_finite() && c.std.is_finite() && c.std > 0.0, "logit-normal needs a finite mean and a finite std > 0, got mean {} and std {}", c.mean, c.std),
             Self::DiscreteUniform(c) => anyhow::ensure!(c.bins >= 1, "bins must be >= 1, got {}", c.bins),
             Self::DdpmSteps(c) => anyhow::ensure!(c.steps >= 1, "steps must be >= 1, got {}", c.steps),
         }
@@ -416,7 +413,8 @@ pub enum PairSamplerConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MeanFlowPairsConfig {
-    pub equal_fraction: f64,      // share of rows with r = t; default 0.75 (MeanFlow `data_proportion`)
+    /// share of rows with r = t; default 0.75 (MeanFlow `data_proportion`)
+    pub equal_fraction: f64,
     pub times: TimeSamplerConfig, // each of the two draws; default logit-normal(-0.4, 1.0)
 }
 impl Default for MeanFlowPairsConfig {
@@ -443,11 +441,7 @@ impl PairSamplerConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         match self {
             Self::MeanFlow(c) => {
-                anyhow::ensure!(
-                    (0.0..=1.0).contains(&c.equal_fraction),
-                    "equal_fraction must be in [0, 1], got {}",
-                    c.equal_fraction
-                );
+                anyhow::ensure!((0.0..=1.0).contains(&c.equal_fraction), "equal_fraction must be in [0, 1], got {}", c.equal_fraction);
                 c.times.validate()?;
             }
             Self::Dyadic(c) => anyhow::ensure!(c.max_level <= 30, "max_level must be <= 30, got {}", c.max_level),
@@ -459,20 +453,12 @@ impl PairSamplerConfig {
                         anyhow::ensure!(d.total_steps >= 1, "total_steps must be >= 1");
                     }
                     CtSchedule::Progressive(p) => {
-                        anyhow::ensure!(
-                            1 <= p.start_scales && p.start_scales <= p.end_scales,
-                            "need 1 <= start_scales <= end_scales, got {} and {}",
-                            p.start_scales,
-                            p.end_scales
-                        );
+                        anyhow::ensure!(1 <= p.start_scales && p.start_scales <= p.end_scales, "need 1 <= start_scales <= end_scales, got {} and {}", p.start_scales, p.end_scales);
                         anyhow::ensure!(p.total_steps >= 1, "total_steps must be >= 1");
                     }
                 }
                 if let GridSpacing::Karras(k) = c.spacing {
-                    anyhow::ensure!(
-                        0.0 < k.sigma_min && k.sigma_min < k.sigma_max && k.sigma_max.is_finite() && k.rho > 0.0 && k.rho.is_finite(),
-                        "need 0 < sigma_min < sigma_max < inf and 0 < rho < inf"
-                    );
+                    anyhow::ensure!(0.0 < k.sigma_min && k.sigma_min < k.sigma_max && k.sigma_max.is_finite() && k.rho > 0.0 && k.rho.is_finite(), "need 0 < sigma_min < sigma_max < inf and 0 < rho < inf");
                 }
             }
         }

@@ -42,10 +42,7 @@ fn typos_are_rejected() {
     assert!(parse::<TimeSamplerConfig>("kind = \"logit_normal\"\nmu = 0.0").is_err());
     assert!(parse::<PairSamplerConfig>("kind = \"mean_flow\"\nratio = 0.25").is_err());
     assert!(parse::<PairSamplerConfig>("kind = \"dyadic\"").is_err(), "max_level has no default");
-    assert!(parse::<PairSamplerConfig>(
-        "kind = \"consistency\"\n[spacing]\nkind = \"uniform\"\nrho = 7\n[schedule]\nkind = \"fixed\"\npoints = 3"
-    )
-    .is_err());
+    assert!(parse::<PairSamplerConfig>("kind = \"consistency\"\n[spacing]\nkind = \"uniform\"\nrho = 7\n[schedule]\nkind = \"fixed\"\npoints = 3").is_err());
 }
 
 #[test]
@@ -59,24 +56,17 @@ fn time_and_pair_kinds_parse_and_build() {
     // MeanFlow defaults: equal_fraction 0.75 and logit-normal(-0.4, 1.0).
     let cfg: PairSamplerConfig = parse("kind = \"mean_flow\"").unwrap();
     assert_eq!(cfg, PairSamplerConfig::MeanFlow(MeanFlowPairsConfig::default()));
-    let cfg: PairSamplerConfig =
-        parse("kind = \"mean_flow\"\nequal_fraction = 0.5\n[times]\nkind = \"logit_normal\"\nmean = 0.0\nstd = 1.0").unwrap();
+    let cfg: PairSamplerConfig = parse("kind = \"mean_flow\"\nequal_fraction = 0.5\n[times]\nkind = \"logit_normal\"\nmean = 0.0\nstd = 1.0").unwrap();
     let PairSamplerConfig::MeanFlow(m) = &cfg else { panic!() };
     assert_eq!(m.equal_fraction, 0.5);
     assert_eq!(cfg.build().sample(8, Device::Cpu).t.size(), [8]);
     let cfg: PairSamplerConfig = parse("kind = \"dyadic\"\nmax_level = 6").unwrap();
     assert_eq!(cfg.build().sample(7, Device::Cpu).t.size(), [7]);
-    let cfg: PairSamplerConfig = parse(
-        "kind = \"consistency\"\n[spacing]\nkind = \"uniform\"\n[schedule]\nkind = \"doubling\"\nstages = 7\ntotal_steps = 700",
-    )
-    .unwrap();
+    let cfg: PairSamplerConfig = parse("kind = \"consistency\"\n[spacing]\nkind = \"uniform\"\n[schedule]\nkind = \"doubling\"\nstages = 7\ntotal_steps = 700").unwrap();
     let PairSamplerConfig::Consistency(c) = &cfg else { panic!() };
     assert_eq!(c.spacing, GridSpacing::Uniform(NoParams {}));
     assert_eq!(c.schedule, CtSchedule::Doubling(DoublingSchedule { stages: 7, total_steps: 700 }));
-    let cfg: PairSamplerConfig = parse(
-        "kind = \"consistency\"\n[spacing]\nkind = \"karras\"\n[schedule]\nkind = \"progressive\"\nstart_scales = 2\nend_scales = 200\ntotal_steps = 100",
-    )
-    .unwrap();
+    let cfg: PairSamplerConfig = parse("kind = \"consistency\"\n[spacing]\nkind = \"karras\"\n[schedule]\nkind = \"progressive\"\nstart_scales = 2\nend_scales = 200\ntotal_steps = 100").unwrap();
     assert_eq!(cfg.build().sample_at_step(4, 0, Device::Cpu).t.size(), [4]);
 }
 

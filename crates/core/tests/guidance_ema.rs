@@ -100,8 +100,7 @@ fn ema_follows_the_hand_computed_recursion() {
         assert!(!ema.shadow().variables()["b"].requires_grad(), "shadow is not trainable");
         let mut want_w = [1.0, 2.0, 3.0];
         let mut want_b = [-1.0, 0.0];
-        let targets: [([f64; 3], [f64; 2]); 4] =
-            [([2.0, 2.0, 2.0], [1.0, 1.0]), ([0.0, 4.0, -1.0], [0.5, 2.0]), ([5.0, 5.0, 5.0], [0.0, 0.0]), ([1.0, 0.0, 1.0], [3.0, -3.0])];
+        let targets: [([f64; 3], [f64; 2]); 4] = [([2.0, 2.0, 2.0], [1.0, 1.0]), ([0.0, 4.0, -1.0], [0.5, 2.0]), ([5.0, 5.0, 5.0], [0.0, 0.0]), ([1.0, 0.0, 1.0], [3.0, -3.0])];
         for (n, (w, b)) in targets.iter().enumerate() {
             set(&online, "block.0.w", w);
             set(&online, "b", b);

@@ -31,10 +31,7 @@ fn derivatives_match_central_differences() {
     let delta = 1e-6;
     let (tp, tm) = (&t + delta, &t - delta);
     for path in paths() {
-        let checks: [(&str, Tensor, Tensor, Tensor); 2] = [
-            ("alpha", path.d_alpha(&t), path.alpha(&tp), path.alpha(&tm)),
-            ("sigma", path.d_sigma(&t), path.sigma(&tp), path.sigma(&tm)),
-        ];
+        let checks: [(&str, Tensor, Tensor, Tensor); 2] = [("alpha", path.d_alpha(&t), path.alpha(&tp), path.alpha(&tm)), ("sigma", path.d_sigma(&t), path.sigma(&tp), path.sigma(&tm))];
         for (name, d, fp, fm) in checks {
             let fd = (fp - fm) / (2.0 * delta);
             // Central differences: truncation O(delta²·f''') plus rounding O(1e-16/delta) ≈ 1e-10.

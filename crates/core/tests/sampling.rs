@@ -1,8 +1,5 @@
 //! Samplers against the closed forms of Gaussian data (linear and DDPM paths), float64.
-use flowmap_core::{
-    sample, uniform_grid, DdpmSchedule, Diffusion, DiffusionScale, ExactAverageVelocity, ExactEps, ExactVelocity,
-    GaussianData, Linear, StepRule, VelocityField,
-};
+use flowmap_core::{sample, uniform_grid, DdpmSchedule, Diffusion, DiffusionScale, ExactAverageVelocity, ExactEps, ExactVelocity, GaussianData, Linear, StepRule, VelocityField};
 use std::cell::RefCell;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -164,8 +161,7 @@ fn sde_matches_the_ode_marginals() {
     };
     for diffusion in [Diffusion::Constant(DiffusionScale { scale: 1.0 }), Diffusion::Sigma(DiffusionScale { scale: 1.5 })] {
         // The chain's marginal converges to the ODE's, N(mu, s²), at first order (weak order 1).
-        let biases: Vec<(f64, f64)> =
-            [100, 200, 400].iter().map(|&n| chain_law(diffusion, n)).map(|(m, v)| (m - 1.0, v - s2)).collect();
+        let biases: Vec<(f64, f64)> = [100, 200, 400].iter().map(|&n| chain_law(diffusion, n)).map(|(m, v)| (m - 1.0, v - s2)).collect();
         eprintln!("{diffusion:?}: chain-law (mean, var) biases at 100/200/400 steps {biases:?}");
         for w in biases.windows(2) {
             let r = w[0].1 / w[1].1;
@@ -227,10 +223,7 @@ fn ddpm_ancestral_and_ddim_on_the_discrete_schedule() {
     let eps = noise(256);
     let ones = Tensor::ones([256], (Kind::Double, Device::Cpu));
     let exact = data.flow_map(&path, &eps, &ones, &ones);
-    let errs: Vec<f64> = [50usize, 100, 200]
-        .iter()
-        .map(|&n| rms(&(sample(&net, &path, eps.copy(), &no_class(256), &uniform_grid(n), StepRule::Ddim) - &exact)))
-        .collect();
+    let errs: Vec<f64> = [50usize, 100, 200].iter().map(|&n| rms(&(sample(&net, &path, eps.copy(), &no_class(256), &uniform_grid(n), StepRule::Ddim) - &exact))).collect();
     eprintln!("DDIM errors {errs:?}");
     assert!(errs[2] < 0.02, "DDIM with 200 steps: {}", errs[2]);
     for w in errs.windows(2) {
@@ -276,10 +269,7 @@ fn the_network_receives_t_and_h_per_rule() {
     let cases: [(StepRule, Vec<(f64, f64)>); 4] = [
         (StepRule::Euler, vec![(1.0, 0.0), (0.75, 0.0), (0.5, 0.0), (0.25, 0.0)]),
         (StepRule::Jump, vec![(1.0, 0.25), (0.75, 0.25), (0.5, 0.25), (0.25, 0.25)]),
-        (
-            StepRule::Heun,
-            vec![(1.0, 0.0), (0.75, 0.0), (0.75, 0.0), (0.5, 0.0), (0.5, 0.0), (0.25, 0.0), (0.25, 0.0), (0.0, 0.0)],
-        ),
+        (StepRule::Heun, vec![(1.0, 0.0), (0.75, 0.0), (0.75, 0.0), (0.5, 0.0), (0.5, 0.0), (0.25, 0.0), (0.25, 0.0), (0.0, 0.0)]),
         (StepRule::Renoise, vec![(1.0, 1.0), (0.75, 0.75), (0.5, 0.5), (0.25, 0.25)]),
     ];
     for (rule, expected) in cases {
@@ -300,7 +290,6 @@ fn ascending_grids_are_rejected() {
     let rec = Recorder(RefCell::new(vec![]));
     let _ = sample(&rec, &Linear::new(), Tensor::zeros([1, 1], (Kind::Float, Device::Cpu)), &no_class(1), &[0.0, 1.0], StepRule::Euler);
 }
-
 
 /// One intra-op thread: the test threads already use both cores, and OpenMP spinning on an
 /// oversubscribed machine is many times slower than running single-threaded.

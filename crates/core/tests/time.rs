@@ -1,9 +1,6 @@
 //! Time samplers: ranges, proportions, grid membership, curricula, reproducibility under a seed.
 use flowmap_core::time::{DoublingSchedule, FixedPoints, KarrasSpacing, ProgressiveSchedule};
-use flowmap_core::{
-    ConsistencyCurriculum, ConsistencyGrid, CtSchedule, DdpmSteps, DiscreteUniform, DyadicSteps, GridSpacing,
-    LogitNormal, MeanFlowPairs, NoParams, PairSampler, TimeSampler, Uniform,
-};
+use flowmap_core::{ConsistencyCurriculum, ConsistencyGrid, CtSchedule, DdpmSteps, DiscreteUniform, DyadicSteps, GridSpacing, LogitNormal, MeanFlowPairs, NoParams, PairSampler, TimeSampler, Uniform};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 

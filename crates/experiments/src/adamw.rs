@@ -13,19 +13,25 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AdamWConfig {
-    pub lr: f64,               // peak learning rate
+    /// peak learning rate
+    pub lr: f64,
+    /// (beta1, beta2); default (0.9, 0.999)
     #[serde(default = "default_betas")]
-    pub betas: [f64; 2],       // (beta1, beta2); default (0.9, 0.999)
+    pub betas: [f64; 2],
+    /// decoupled; default 0
     #[serde(default)]
-    pub weight_decay: f64,     // decoupled; default 0
+    pub weight_decay: f64,
+    /// default 1e-8
     #[serde(default = "default_eps")]
-    pub eps: f64,              // default 1e-8
+    pub eps: f64,
+    /// linear warm-up from 0 to lr; default 0
     #[serde(default)]
-    pub warmup_steps: u64,     // linear warm-up from 0 to lr; default 0
+    pub warmup_steps: u64,
     #[serde(default)]
     pub grad_clip: Option<f64>, // global-norm clipping; default none
+    /// "auto" (fused on CUDA, plain on CPU), "plain", "fused"
     #[serde(default)]
-    pub kernel: AdamWKernel,   // "auto" (fused on CUDA, plain on CPU), "plain", "fused"
+    pub kernel: AdamWKernel,
 }
 
 fn default_betas() -> [f64; 2] {

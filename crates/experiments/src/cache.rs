@@ -47,12 +47,7 @@ pub fn inception_weights() -> PathBuf {
 
 /// (sha256, path relative to the data dir) for every file flowmap reads (not the packages).
 pub fn expected_files() -> Vec<(&'static str, &'static str)> {
-    SHA256SUMS
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| l.split_once("  "))
-        .filter(|(_, rel)| !rel.starts_with("packages/"))
-        .collect()
+    SHA256SUMS.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).filter_map(|l| l.split_once("  ")).filter(|(_, rel)| !rel.starts_with("packages/")).collect()
 }
 
 /// The sha256 of a file, hex.

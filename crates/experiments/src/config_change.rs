@@ -58,11 +58,7 @@ fn neutral(key: &str) -> bool {
 pub fn differences(old: &ExperimentConfig, new: &ExperimentConfig) -> Result<Vec<Change>> {
     let (a, b) = (flat(old)?, flat(new)?);
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    Ok(keys
-        .into_iter()
-        .filter(|k| !neutral(k) && a.get(*k) != b.get(*k))
-        .map(|k| Change { key: k.clone(), old: a.get(k).cloned(), new: b.get(k).cloned() })
-        .collect())
+    Ok(keys.into_iter().filter(|k| !neutral(k) && a.get(*k) != b.get(*k)).map(|k| Change { key: k.clone(), old: a.get(k).cloned(), new: b.get(k).cloned() }).collect())
 }
 
 /// Checks a resume at `step` of `run` with `cfg` (resolved `table`); see the module docs.

@@ -121,10 +121,7 @@ pub struct CudaFacts {
 impl CudaFacts {
     /// Reads the facts of this process and machine. Never panics without a GPU or driver.
     pub fn probe() -> Self {
-        let torch_cuda_library = flowmap_sys::libtorch_path()
-            .ok()
-            .and_then(|p| Path::new(&p).parent().map(|dir| dir.join("libtorch_cuda.so").exists()))
-            .unwrap_or(false);
+        let torch_cuda_library = flowmap_sys::libtorch_path().ok().and_then(|p| Path::new(&p).parent().map(|dir| dir.join("libtorch_cuda.so").exists())).unwrap_or(false);
         Self {
             torch_cuda: flowmap_sys::torch_cuda_version().ok().flatten().and_then(CudaVersion::from_code),
             torch_cuda_library,

@@ -18,19 +18,26 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
-    pub num_samples: usize,              // generated images per step count (state it with the number: not FID-50k)
+    /// generated images per step count (state it with the number: not FID-50k)
+    pub num_samples: usize,
+    /// default: sampling.steps
     #[serde(default)]
-    pub steps: Option<Vec<usize>>,       // default: sampling.steps
+    pub steps: Option<Vec<usize>>,
+    /// default: the training data set's test split, all 10k images
     #[serde(default)]
-    pub reference: ReferenceConfig,      // default: the training data set's test split, all 10k images
+    pub reference: ReferenceConfig,
+    /// pytorch_fid (default) | tf
     #[serde(default)]
-    pub preprocess: Preprocess,          // pytorch_fid (default) | tf
+    pub preprocess: Preprocess,
+    /// also KID (unbiased; meaningful at small counts); default true
     #[serde(default = "yes")]
-    pub kid: bool,                       // also KID (unbiased; meaningful at small counts); default true
+    pub kid: bool,
+    /// images per generation / Inception batch; default 100
     #[serde(default = "default_batch")]
-    pub batch: usize,                    // images per generation / Inception batch; default 100
+    pub batch: usize,
+    /// also evaluate while training, every N steps and at the end; 0 (default) = only by `fid`/`table`
     #[serde(default)]
-    pub every: u64,                      // also evaluate while training, every N steps and at the end; 0 (default) = only by `fid`/`table`
+    pub every: u64,
 }
 
 fn yes() -> bool {
@@ -44,17 +51,22 @@ fn default_batch() -> usize {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ReferenceConfig {
+    /// default: the run's data set
     #[serde(default)]
-    pub dataset: Option<DataSet>,        // default: the run's data set
+    pub dataset: Option<DataSet>,
+    /// default: test
     #[serde(default)]
-    pub split: Option<SplitName>,        // default: test
+    pub split: Option<SplitName>,
+    /// default: the whole split
     #[serde(default)]
-    pub num_images: Option<usize>,       // default: the whole split
+    pub num_images: Option<usize>,
+    /// a published `mu`/`sigma` file instead (no KID then); ${VAR} expanded
     #[serde(default)]
-    pub npz: Option<PathBuf>,            // a published `mu`/`sigma` file instead (no KID then); ${VAR} expanded
+    pub npz: Option<PathBuf>,
+    /// an image folder instead (ADM center crop at data.image_size); default for
     #[serde(default)]
-    pub folder: Option<String>,          // an image folder instead (ADM center crop at data.image_size); default for
-                                         // image_folder/latents runs: data.path / the latents' source folder
+    pub folder: Option<String>,
+    // image_folder/latents runs: data.path / the latents' source folder
     #[serde(default)]
     pub layout: Option<crate::data::image_folder::Layout>, // of `folder`; default class_folders
 }

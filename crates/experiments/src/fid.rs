@@ -53,8 +53,9 @@ pub struct SampleSetting {
 /// How many samples, in what chunks, and whether to compute KID.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalSettings {
-    pub num_samples: usize,    // per step count; state it next to the number (it is not FID-50k)
-    pub generate_batch: usize, // images per `generate` call
+    /// per step count; state it next to the number (it is not FID-50k)
+    pub num_samples: usize,
+    pub generate_batch: usize,    // images per `generate` call
     pub kid: Option<KidSettings>, // None: FID only; KID also needs reference features
 }
 
@@ -276,4 +277,3 @@ pub fn read_fid_csv(path: &Path) -> Result<Vec<FidRow>> {
         })
         .collect()
 }
-

@@ -14,10 +14,7 @@ impl MetricsWriter {
     /// checkpoint the run resumes from) are dropped first, so the file has no duplicates.
     pub fn open(path: &Path, resume_step: Option<u64>) -> Result<Self> {
         if let (Some(from), true) = (resume_step, path.exists()) {
-            let kept: Vec<String> = read_lines(path)?
-                .into_iter()
-                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).map(|s| s <= from).unwrap_or(false))
-                .collect();
+            let kept: Vec<String> = read_lines(path)?.into_iter().filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).map(|s| s <= from).unwrap_or(false)).collect();
             let mut text = kept.join("\n");
             if !text.is_empty() {
                 text.push('\n');

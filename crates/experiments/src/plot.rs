@@ -18,18 +18,8 @@ const SIZE: (u32, u32) = (900, 600);
 /// Longest series drawn point by point; longer ones are averaged in bins (loss curves).
 const MAX_POINTS: usize = 2000;
 /// tab10 colours.
-const COLORS: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
+const COLORS: [RGBColor; 10] =
+    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127), RGBColor(188, 189, 34), RGBColor(23, 190, 207)];
 
 /// Registers the embedded font with plotters once per process.
 fn register_font() -> Result<()> {
@@ -79,12 +69,7 @@ pub fn line_chart(chart: &LineChart, series: &[Series], out_stem: &Path) -> Resu
         .iter()
         .map(|s| Series {
             name: s.name.clone(),
-            points: s
-                .points
-                .iter()
-                .filter(|(x, y)| x.is_finite() && y.is_finite() && (chart.x_scale == XScale::Linear || *x > 0.0))
-                .map(|&(x, y)| (if chart.x_scale == XScale::Log2 { x.log2() } else { x }, y))
-                .collect(),
+            points: s.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite() && (chart.x_scale == XScale::Linear || *x > 0.0)).map(|&(x, y)| (if chart.x_scale == XScale::Log2 { x.log2() } else { x }, y)).collect(),
         })
         .filter(|s| !s.points.is_empty())
         .collect();
@@ -122,13 +107,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &LineChart, se
     root.fill(&WHITE).map_err(err)?;
     let (x0, x1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)), 1.0);
     let (y0, y1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)), 1.0);
-    let mut ctx = ChartBuilder::on(root)
-        .caption(&chart.title, (FONT, 24))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(72)
-        .build_cartesian_2d(x0..x1, y0..y1)
-        .map_err(err)?;
+    let mut ctx = ChartBuilder::on(root).caption(&chart.title, (FONT, 24)).margin(16).x_label_area_size(48).y_label_area_size(72).build_cartesian_2d(x0..x1, y0..y1).map_err(err)?;
     let log2_ticks = (x1.floor() - x0.ceil()) as usize + 1;
     let x_format = |v: &f64| match chart.x_scale {
         XScale::Linear => format_number(*v),
@@ -136,13 +115,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &LineChart, se
         XScale::Log2 => String::new(),
     };
     let mut mesh = ctx.configure_mesh();
-    mesh.x_desc(chart.x_label.as_str())
-        .y_desc(chart.y_label.as_str())
-        .label_style((FONT, 15))
-        .axis_desc_style((FONT, 17))
-        .x_label_formatter(&x_format)
-        .y_label_formatter(&|v| format_number(*v))
-        .light_line_style(RGBColor(235, 235, 235));
+    mesh.x_desc(chart.x_label.as_str()).y_desc(chart.y_label.as_str()).label_style((FONT, 15)).axis_desc_style((FONT, 17)).x_label_formatter(&x_format).y_label_formatter(&|v| format_number(*v)).light_line_style(RGBColor(235, 235, 235));
     if chart.x_scale == XScale::Log2 {
         mesh.x_labels(log2_ticks.max(2));
     }
@@ -150,21 +123,12 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &LineChart, se
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let style = ShapeStyle::from(&color).stroke_width(2);
-        ctx.draw_series(LineSeries::new(s.points.iter().copied(), style))
-            .map_err(err)?
-            .label(s.name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], ShapeStyle::from(&color).stroke_width(2)));
+        ctx.draw_series(LineSeries::new(s.points.iter().copied(), style)).map_err(err)?.label(s.name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], ShapeStyle::from(&color).stroke_width(2)));
         if chart.markers {
             ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, ShapeStyle::from(&color).filled()))).map_err(err)?;
         }
     }
-    ctx.configure_series_labels()
-        .label_font((FONT, 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(160, 160, 160))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(err)?;
+    ctx.configure_series_labels().label_font((FONT, 15)).background_style(WHITE.mix(0.85)).border_style(RGBColor(160, 160, 160)).position(SeriesLabelPosition::UpperRight).draw().map_err(err)?;
     Ok(())
 }
 
@@ -306,10 +270,7 @@ fn downsample(points: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
 /// Curves of `key` (e.g. "loss") against step, one per (name, metrics.jsonl). Long runs are
 /// bin-averaged to at most 2000 points per curve.
 pub fn loss_curves(runs: &[(String, PathBuf)], key: &str, out_stem: &Path) -> Result<PlotFiles> {
-    let series = runs
-        .iter()
-        .map(|(name, path)| Ok(Series { name: name.clone(), points: downsample(&read_metric(path, key)?, MAX_POINTS) }))
-        .collect::<Result<Vec<_>>>()?;
+    let series = runs.iter().map(|(name, path)| Ok(Series { name: name.clone(), points: downsample(&read_metric(path, key)?, MAX_POINTS) })).collect::<Result<Vec<_>>>()?;
     let chart = LineChart { title: format!("{key} during training"), x_label: "training step".into(), y_label: key.into(), x_scale: XScale::Linear, markers: false };
     line_chart(&chart, &series, out_stem)
 }

@@ -45,12 +45,7 @@ impl Progress {
         self.train_time += now - self.last_tick;
         self.last_tick = now;
         let (_, eta) = self.eta(step);
-        let msg = format!(
-            "{}{}eta {}",
-            loss.map(|l| format!("loss {l:.4} ")).unwrap_or_default(),
-            img_per_s.map(|r| format!("{r:.0} img/s ")).unwrap_or_default(),
-            fmt_duration(eta)
-        );
+        let msg = format!("{}{}eta {}", loss.map(|l| format!("loss {l:.4} ")).unwrap_or_default(), img_per_s.map(|r| format!("{r:.0} img/s ")).unwrap_or_default(), fmt_duration(eta));
         match &self.bar {
             Some(b) => {
                 b.set_position(step);

@@ -77,14 +77,7 @@ fn git_state() -> String {
 fn env_facts() -> String {
     let cuda = tch::Cuda::is_available();
     let device = if cuda { flowmap_sys::cuda_device_name(0).unwrap_or_else(|e| e.0) } else { "cpu".into() };
-    format!(
-        "flowmap {}\ntch 0.24.0\nlibtorch {}\ncuda {}\ndevice {}\nthreads {}\n",
-        env!("CARGO_PKG_VERSION"),
-        flowmap_sys::torch_version(),
-        cuda,
-        device,
-        tch::get_num_threads()
-    )
+    format!("flowmap {}\ntch 0.24.0\nlibtorch {}\ncuda {}\ndevice {}\nthreads {}\n", env!("CARGO_PKG_VERSION"), flowmap_sys::torch_version(), cuda, device, tch::get_num_threads())
 }
 
 /// Reads a run's resolved config table back (for `sample`, `fid`, `plot`, `--resume`).

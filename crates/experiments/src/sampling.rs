@@ -38,19 +38,26 @@ impl Weights {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplingConfig {
-    pub rule: RuleName,                 // euler | heun | jump | ddim | ddpm_ancestral | sde | renoise
+    /// euler | heun | jump | ddim | ddpm_ancestral | sde | renoise
+    pub rule: RuleName,
+    /// the interpolant the model was trained on; default linear
     #[serde(default = "default_path")]
-    pub path: InterpolantConfig,        // the interpolant the model was trained on; default linear
+    pub path: InterpolantConfig,
+    /// g(t) for rule = "sde"
     #[serde(default)]
-    pub diffusion: Option<Diffusion>,   // g(t) for rule = "sde"
+    pub diffusion: Option<Diffusion>,
+    /// step counts for grids and FID; default [1, 2, 4, 8, 16]
     #[serde(default = "default_steps")]
-    pub steps: Vec<usize>,              // step counts for grids and FID; default [1, 2, 4, 8, 16]
+    pub steps: Vec<usize>,
+    /// classifier-free guidance w; 1 = none
     #[serde(default = "one")]
-    pub cfg_scale: f64,                 // classifier-free guidance w; 1 = none
+    pub cfg_scale: f64,
+    /// ema (default) | online
     #[serde(default)]
-    pub weights: Weights,               // ema (default) | online
+    pub weights: Weights,
+    /// images in each sample grid; default 64
     #[serde(default = "default_grid")]
-    pub grid_images: i64,               // images in each sample grid; default 64
+    pub grid_images: i64,
 }
 
 fn default_path() -> InterpolantConfig {

@@ -26,22 +26,30 @@ pub struct TableSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableHeader {
-    pub name: String,                // title of the table
-    pub out_dir: PathBuf,            // runs go to out_dir/<row label slug>; table and plot to out_dir
-    pub steps: Vec<usize>,           // sampling step counts evaluated for every row
+    /// title of the table
+    pub name: String,
+    /// runs go to out_dir/<row label slug>; table and plot to out_dir
+    pub out_dir: PathBuf,
+    /// sampling step counts evaluated for every row
+    pub steps: Vec<usize>,
+    /// --set overrides applied to every row (before the row's own)
     #[serde(default)]
-    pub set: Vec<String>,            // --set overrides applied to every row (before the row's own)
+    pub set: Vec<String>,
+    /// ema (default) | online
     #[serde(default)]
-    pub weights: Weights,            // ema (default) | online
+    pub weights: Weights,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableRow {
-    pub label: String,               // row name, e.g. "MeanFlow (official)"
-    pub config: PathBuf,             // experiment file, relative to the spec file's folder or absolute
+    /// row name, e.g. "MeanFlow (official)"
+    pub label: String,
+    /// experiment file, relative to the spec file's folder or absolute
+    pub config: PathBuf,
+    /// this row's overrides
     #[serde(default)]
-    pub set: Vec<String>,            // this row's overrides
+    pub set: Vec<String>,
 }
 
 /// What `run_table` produced.
@@ -95,7 +103,8 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
         let train_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let have: Vec<FidRow> = if RunDir::new(dir).fid_csv().exists() { read_fid_csv(&RunDir::new(dir).fid_csv())? } else { vec![] };
-        let matches = |r: &FidRow, s: usize| r.train_step == summary.step && r.nfe == s && r.num_samples == spec.eval.num_samples && r.weights == spec.table.weights.name() && r.preprocess == spec.eval.preprocess.name() && r.cfg_scale == cfg.sampling.cfg_scale;
+        let matches =
+            |r: &FidRow, s: usize| r.train_step == summary.step && r.nfe == s && r.num_samples == spec.eval.num_samples && r.weights == spec.table.weights.name() && r.preprocess == spec.eval.preprocess.name() && r.cfg_scale == cfg.sampling.cfg_scale;
         let missing: Vec<usize> = spec.table.steps.iter().copied().filter(|&s| !have.iter().any(|r| matches(r, s))).collect();
         let mut rows: Vec<FidRow> = have.iter().filter(|r| spec.table.steps.iter().any(|&s| matches(r, s))).cloned().collect();
         if !missing.is_empty() {
@@ -124,7 +133,11 @@ fn render_markdown(spec: &TableSpec, results: &[(String, Vec<FidRow>)], timings:
     let first = results.iter().flat_map(|(_, r)| r.first()).next();
     let (n, reference, pre) = first.map(|r| (r.num_samples, r.ref_stats.clone(), r.preprocess.clone())).unwrap_or_default();
     let _ = writeln!(s, "## {}\n", spec.table.name);
-    let _ = writeln!(s, "FID (lower is better) against `{reference}` from {n} generated images per cell ({pre} convention, {} weights). Small-sample FID is biased upwards; compare within this table only. KID ×10³ in parentheses (unbiased).\n", spec.table.weights.name());
+    let _ = writeln!(
+        s,
+        "FID (lower is better) against `{reference}` from {n} generated images per cell ({pre} convention, {} weights). Small-sample FID is biased upwards; compare within this table only. KID ×10³ in parentheses (unbiased).\n",
+        spec.table.weights.name()
+    );
     let _ = write!(s, "| objective |");
     for st in &spec.table.steps {
         let _ = write!(s, " {st} step{} |", if *st == 1 { "" } else { "s" });

@@ -49,29 +49,42 @@ pub struct ExperimentConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
-    pub name: String,                 // run directory name under out_dir
+    /// run directory name under out_dir
+    pub name: String,
+    /// base seed of every random stream; default 0
     #[serde(default)]
-    pub seed: u64,                    // base seed of every random stream; default 0
-    pub steps: u64,                   // optimizer steps
-    pub batch_size: i64,              // images per step
+    pub seed: u64,
+    /// optimizer steps
+    pub steps: u64,
+    /// images per step
+    pub batch_size: i64,
+    /// auto (CUDA if available) | cpu | cuda
     #[serde(default)]
-    pub device: DeviceChoice,         // auto (CUDA if available) | cpu | cuda
+    pub device: DeviceChoice,
+    /// default "runs"
     #[serde(default = "default_out_dir")]
-    pub out_dir: PathBuf,             // default "runs"
+    pub out_dir: PathBuf,
+    /// metrics/progress every N steps (reads the loss: one sync); default 50
     #[serde(default = "default_log_every")]
-    pub log_every: u64,               // metrics/progress every N steps (reads the loss: one sync); default 50
+    pub log_every: u64,
+    /// sample grids every N steps; 0 = only at the end
     #[serde(default)]
-    pub sample_every: u64,            // sample grids every N steps; 0 = only at the end
+    pub sample_every: u64,
+    /// 0 = only at the end (and on SIGTERM)
     #[serde(default)]
-    pub checkpoint_every: u64,        // 0 = only at the end (and on SIGTERM)
+    pub checkpoint_every: u64,
+    /// complete checkpoints kept; default 2
     #[serde(default = "default_keep")]
-    pub keep_checkpoints: usize,      // complete checkpoints kept; default 2
+    pub keep_checkpoints: usize,
+    /// stop (default) | skip
     #[serde(default)]
-    pub on_nonfinite: NonFinite,      // stop (default) | skip
+    pub on_nonfinite: NonFinite,
+    /// with skip: stop after this many non-finite steps in a row; default 10
     #[serde(default = "default_max_skips")]
-    pub max_consecutive_skips: u64,   // with skip: stop after this many non-finite steps in a row; default 10
+    pub max_consecutive_skips: u64,
+    /// intra-op CPU threads (default: libtorch's choice)
     #[serde(default)]
-    pub threads: Option<i32>,         // intra-op CPU threads (default: libtorch's choice)
+    pub threads: Option<i32>,
 }
 
 impl RunConfig {
@@ -138,10 +151,12 @@ pub enum NonFinite {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EmaConfig {
+    /// default 0.9999
     #[serde(default = "default_decay")]
-    pub decay: f64,      // default 0.9999
+    pub decay: f64,
+    /// decay_n = min(decay, (1 + n)/(10 + n)); default false
     #[serde(default)]
-    pub warmup: bool,    // decay_n = min(decay, (1 + n)/(10 + n)); default false
+    pub warmup: bool,
 }
 
 fn default_decay() -> f64 {
@@ -166,11 +181,14 @@ impl Default for EmaConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherConfig {
-    pub run: PathBuf,           // the teacher's run directory (its config.toml must describe the same model)
+    /// the teacher's run directory (its config.toml must describe the same model)
+    pub run: PathBuf,
+    /// ema (default) | online
     #[serde(default)]
-    pub weights: Weights,       // ema (default) | online
+    pub weights: Weights,
+    /// also start the student (and its EMA) from these weights
     #[serde(default)]
-    pub init_student: bool,     // also start the student (and its EMA) from these weights
+    pub init_student: bool,
 }
 
 impl TeacherConfig {
@@ -288,7 +306,11 @@ impl ExperimentConfig {
         ensure!(shape == data_shape, "the model takes samples of shape {shape:?} but {} samples are {data_shape:?} (set model.in_channels / model.input_size)", self.data.dataset.name());
         self.sampling.validate()?;
         let objective = self.objective.build_for_batch(self.run.batch_size).with_context(|| format!("[objective] (kind = {:?}, run.batch_size = {})", objective_kind(&self.objective), self.run.batch_size))?;
-        ensure!(!objective.needs_coupled_data() || self.data.reflow_pairs.is_some(), "objective.kind = {:?} trains on stored (noise, sample) pairs: set data.reflow_pairs to a file made by `flowmap reflow-pairs --teacher RUN`", objective_kind(&self.objective));
+        ensure!(
+            !objective.needs_coupled_data() || self.data.reflow_pairs.is_some(),
+            "objective.kind = {:?} trains on stored (noise, sample) pairs: set data.reflow_pairs to a file made by `flowmap reflow-pairs --teacher RUN`",
+            objective_kind(&self.objective)
+        );
         ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", objective_kind(&self.objective));
         Ok(())
     }

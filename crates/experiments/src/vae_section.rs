@@ -18,10 +18,12 @@ use tch::Device;
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VaeSection {
+    /// the weights file, ${VAR} expanded; default $FLOWMAP_SD_VAE
     #[serde(default)]
-    pub weights: Option<String>,     // the weights file, ${VAR} expanded; default $FLOWMAP_SD_VAE
+    pub weights: Option<String>,
+    /// default sd-vae-ft-mse (scaling_factor 0.18215)
     #[serde(default)]
-    pub arch: VaeConfig,             // default sd-vae-ft-mse (scaling_factor 0.18215)
+    pub arch: VaeConfig,
 }
 
 impl VaeSection {

@@ -190,7 +190,10 @@ fn collect() -> (Vec<Documented>, Vec<Documented>) {
 
 #[test]
 fn the_word_splitter_handles_quotes_variables_and_placeholders() {
-    assert_eq!(words(r#"latents --source "$FLOWMAP_IMAGENET" --out "${FLOWMAP_LATENTS}/x" --vae FILE"#), ["latents", "--source", "/tmp/flowmap-docs-env/FLOWMAP_IMAGENET", "--out", "/tmp/flowmap-docs-env/FLOWMAP_LATENTS/x", "--vae", "/tmp/flowmap-docs-file"]);
+    assert_eq!(
+        words(r#"latents --source "$FLOWMAP_IMAGENET" --out "${FLOWMAP_LATENTS}/x" --vae FILE"#),
+        ["latents", "--source", "/tmp/flowmap-docs-env/FLOWMAP_IMAGENET", "--out", "/tmp/flowmap-docs-env/FLOWMAP_LATENTS/x", "--vae", "/tmp/flowmap-docs-file"]
+    );
     assert_eq!(words("sample --run r --num 64 [--cfg-scale 1.5] [--class 3]"), ["sample", "--run", "r", "--num", "64", "--cfg-scale", "1.5", "--class", "3"]);
     assert_eq!(words("train CONFIG --set 'a.b=[1, 2]'"), ["train", "experiments/tiny_cpu.toml", "--set", "a.b=[1, 2]"]);
     assert_eq!(command_text("train experiments/tiny_cpu.toml   (smoke configuration)", true), "train experiments/tiny_cpu.toml");

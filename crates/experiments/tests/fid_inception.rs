@@ -2,9 +2,7 @@
 //! so every test uses at most 16 distinct images per set). Needs `make setup` (data cache).
 use flowmap_experiments::cache;
 use flowmap_experiments::data::idx::{self, Split};
-use flowmap_experiments::fid::{
-    evaluate_steps, read_fid_csv, EvalSettings, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec, FEATURE_DIM,
-};
+use flowmap_experiments::fid::{evaluate_steps, read_fid_csv, EvalSettings, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec, FEATURE_DIM};
 use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -107,10 +105,7 @@ fn fid_of_a_split_against_itself_is_zero_and_against_a_shifted_copy_is_large() {
     .unwrap();
     let fid: Vec<f64> = rows.iter().map(|r| r.fid).collect();
     let kid: Vec<f64> = rows.iter().map(|r| r.kid.unwrap()).collect();
-    eprintln!(
-        "FID: self {:.3e}, shifted {:.2}, noisy {:.2}, other real images {:.2}; KID: self {:.4}, shifted {:.4}, noisy {:.4}, other real images {:.4}",
-        fid[2], fid[0], fid[1], fid[3], kid[2], kid[0], kid[1], kid[3]
-    );
+    eprintln!("FID: self {:.3e}, shifted {:.2}, noisy {:.2}, other real images {:.2}; KID: self {:.4}, shifted {:.4}, noisy {:.4}, other real images {:.4}", fid[2], fid[0], fid[1], fid[3], kid[2], kid[0], kid[1], kid[3]);
     // Same images, different batch composition: equal up to float32 conv rounding.
     assert!(fid[2].abs() < 1e-6, "self FID {}", fid[2]);
     assert!(fid[0] > 50.0, "shifted FID {}", fid[0]);

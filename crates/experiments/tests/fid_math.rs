@@ -1,10 +1,7 @@
 //! FID / KID maths without the Inception network: the Fréchet distance against scipy
 //! (tests/python/frechet_reference.py) and closed forms, streaming statistics, KID's
 //! unbiasedness, the `.npz` format, the stats cache key and `fid.csv`.
-use flowmap_experiments::fid::{
-    append_fid_csv, frechet_distance, kernel_inception_distance, mmd2_unbiased, read_fid_csv, stats_cache_key, FeatureStats, FidRow, GaussianStats, KidSettings,
-    Preprocess, Reference,
-};
+use flowmap_experiments::fid::{append_fid_csv, frechet_distance, kernel_inception_distance, mmd2_unbiased, read_fid_csv, stats_cache_key, FeatureStats, FidRow, GaussianStats, KidSettings, Preprocess, Reference};
 mod fid_support;
 use fid_support::reference_helper;
 use rand::{Rng, SeedableRng};

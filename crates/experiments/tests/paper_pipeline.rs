@@ -218,7 +218,27 @@ fn dry_run_of_every_paper_config_against_fake_data() {
     for (src, layout, name) in [("imagenet/train", "class-folders", "imagenet256"), ("celebahq", "flat", "celebahq256")] {
         let src = dir.path().join(src);
         let out = latents.join(name);
-        flowmap(&["latents", "--source", src.to_str().unwrap(), "--layout", layout, "--out", out.to_str().unwrap(), "--vae", weights.to_str().unwrap(), "--vae-arch", arch.to_str().unwrap(), "--shard-size", "2", "--batch", "2", "--device", "cpu", "--workers", "2"]);
+        flowmap(&[
+            "latents",
+            "--source",
+            src.to_str().unwrap(),
+            "--layout",
+            layout,
+            "--out",
+            out.to_str().unwrap(),
+            "--vae",
+            weights.to_str().unwrap(),
+            "--vae-arch",
+            arch.to_str().unwrap(),
+            "--shard-size",
+            "2",
+            "--batch",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "2",
+        ]);
     }
     std::env::set_var("FLOWMAP_LATENTS", &latents);
     std::env::set_var("FLOWMAP_SD_VAE", &weights);
@@ -276,7 +296,27 @@ fn full_pipeline_folder_latents_train_sample_decode_fid() {
     paper_support::class_folder(&src, 2, 8, 64);
     let lat = dir.path().join("latents");
     let t_enc = std::time::Instant::now();
-    let out = flowmap(&["latents", "--source", src.to_str().unwrap(), "--out", lat.to_str().unwrap(), "--vae", weights.to_str().unwrap(), "--vae-arch", arch.to_str().unwrap(), "--image-size", "64", "--shard-size", "8", "--batch", "8", "--device", "cpu", "--workers", "2"]);
+    let out = flowmap(&[
+        "latents",
+        "--source",
+        src.to_str().unwrap(),
+        "--out",
+        lat.to_str().unwrap(),
+        "--vae",
+        weights.to_str().unwrap(),
+        "--vae-arch",
+        arch.to_str().unwrap(),
+        "--image-size",
+        "64",
+        "--shard-size",
+        "8",
+        "--batch",
+        "8",
+        "--device",
+        "cpu",
+        "--workers",
+        "2",
+    ]);
     let enc_s = t_enc.elapsed().as_secs_f64();
     eprintln!("{out}latents command: 16 images (+16 flipped) in {enc_s:.2} s wall = {:.1} img/s end to end", 16.0 / enc_s);
     let m = Manifest::read(&lat.join("manifest.json")).unwrap();

@@ -78,7 +78,8 @@ fn loss_curves_from_metrics_jsonl() {
         for step in 0..3000 {
             text.push_str(&format!("{{\"step\": {step}, \"loss\": {}, \"lr\": 0.0001}}\n", scale * (1.0 + 1.0 / (1.0 + step as f64 / 100.0))));
             if step % 500 == 0 {
-                text.push_str(&format!("{{\"step\": {step}, \"fid\": 12.5}}\n")); // no loss: skipped
+                text.push_str(&format!("{{\"step\": {step}, \"fid\": 12.5}}\n"));
+                // no loss: skipped
             }
         }
         text.push_str("{\"step\": 3000, \"lo"); // killed mid-write

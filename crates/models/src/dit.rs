@@ -54,19 +54,32 @@ pub enum Variance {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "crate::presets::DitSpec", deny_unknown_fields)]
 pub struct DitConfig {
-    pub depth: i64,                // transformer blocks (S/B: 12, L: 24, XL: 28)
-    pub hidden_size: i64,          // token width D, divisible by num_heads and by 4 (position table)
-    pub num_heads: i64,            // attention heads; head dim d = D / num_heads
-    pub patch_size: i64,           // p; T = (input_size / p)² tokens
-    pub mlp_ratio: f64,            // MLP hidden width = mlp_ratio·D; default 4
-    pub in_channels: i64,          // C: 4 for SD-VAE latents, 1 or 3 for pixels; default 4
-    pub input_size: i64,           // H = W of the input, divisible by p; default 32 (256² through the VAE)
-    pub num_classes: i64,          // K; the label table has K + 1 rows, row K = null; 0 = unconditional; default 1000
-    pub h_embedding: HEmbedding,   // continuous | log2_level | none; default continuous
-    pub attn_scale: AttnScale,     // inv_sqrt_head_dim | inv_head_dim (Shortcut); default inv_sqrt_head_dim
-    pub t_scale: f64,              // t and a continuous h are multiplied by this before the sinusoid; default 1 (raw t, Shortcut/MeanFlow); 1000 = DiT's step index
-    pub variance: Variance,        // fixed (C out channels) | learned (2C, DiT learn_sigma); default fixed
-    pub precision: Precision,      // f32 | tf32 | bf16 (CUDA only; CPU runs f32); default f32
+    /// transformer blocks (S/B: 12, L: 24, XL: 28)
+    pub depth: i64,
+    /// token width D, divisible by num_heads and by 4 (position table)
+    pub hidden_size: i64,
+    /// attention heads; head dim d = D / num_heads
+    pub num_heads: i64,
+    /// p; T = (input_size / p)² tokens
+    pub patch_size: i64,
+    /// MLP hidden width = mlp_ratio·D; default 4
+    pub mlp_ratio: f64,
+    /// C: 4 for SD-VAE latents, 1 or 3 for pixels; default 4
+    pub in_channels: i64,
+    /// H = W of the input, divisible by p; default 32 (256² through the VAE)
+    pub input_size: i64,
+    /// K; the label table has K + 1 rows, row K = null; 0 = unconditional; default 1000
+    pub num_classes: i64,
+    /// continuous | log2_level | none; default continuous
+    pub h_embedding: HEmbedding,
+    /// inv_sqrt_head_dim | inv_head_dim (Shortcut); default inv_sqrt_head_dim
+    pub attn_scale: AttnScale,
+    /// t and a continuous h are multiplied by this before the sinusoid; default 1 (raw t, Shortcut/MeanFlow); 1000 = DiT's step index
+    pub t_scale: f64,
+    /// fixed (C out channels) | learned (2C, DiT learn_sigma); default fixed
+    pub variance: Variance,
+    /// f32 | tf32 | bf16 (CUDA only; CPU runs f32); default f32
+    pub precision: Precision,
 }
 
 impl DitConfig {
@@ -148,10 +161,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, path: AttnPath)
         AttnPath::Fused => Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, scale, false),
         AttnPath::Math => {
             let logits = q.matmul(&k.transpose(-2, -1)) * scale; // (B, NH, T, T)
-            // Softmax written out of place: libtorch's `softmax` forward-AD formula is not
-            // differentiable in reverse mode ("output 0 of ExpBackward0 ... modified by an inplace
-            // operation"), and MeanFlow back-propagates through the tangent. The max shift only
-            // guards exp against overflow; softmax is invariant to it, so it is detached.
+                                                                 // Softmax written out of place: libtorch's `softmax` forward-AD formula is not
+                                                                 // differentiable in reverse mode ("output 0 of ExpBackward0 ... modified by an inplace
+                                                                 // operation"), and MeanFlow back-propagates through the tangent. The max shift only
+                                                                 // guards exp against overflow; softmax is invariant to it, so it is detached.
             let e = (&logits - logits.amax([-1], true).detach()).exp(); // (B, NH, T, T)
             let probs = &e / e.sum_dim_intlist(&[-1i64][..], true, None::<Kind>); // (B, NH, T, T)
             probs.matmul(v) // (B, NH, T, d)
@@ -351,12 +364,7 @@ impl Dit {
     pub fn forward_with(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, path: AttnPath) -> Tensor {
         let (b, c, height, width) = x_t.size4().expect("dit input must be (B, C, H, W)");
         let (p, size) = (self.cfg.patch_size, self.cfg.input_size);
-        assert!(
-            c == self.cfg.in_channels && height == size && width == size,
-            "dit: input {:?} does not match in_channels {} and input_size {size}",
-            x_t.size(),
-            self.cfg.in_channels
-        );
+        assert!(c == self.cfg.in_channels && height == size && width == size, "dit: input {:?} does not match in_channels {} and input_size {size}", x_t.size(), self.cfg.in_channels);
         let _precision = self.precision.enter();
         let x = self.x_embedder.forward(x_t).flatten(2, 3).transpose(1, 2); // (B, T, D)
         let mut x = x + &self.pos_embed; // (B, T, D)
@@ -366,7 +374,7 @@ impl Dit {
         }
         let m = self.final_ada_ln.forward(&c_act).chunk(2, 1); // 2 × (B, D): shift, scale
         let x = self.final_linear.forward(&modulate(&layer_norm(&x, path), &m[0], &m[1])); // (B, T, p²·C_out)
-        // Unpatchify (DiT `unpatchify`): token (i, j) holds the (p, p, C_out) patch at rows i·p…, cols j·p….
+                                                                                           // Unpatchify (DiT `unpatchify`): token (i, j) holds the (p, p, C_out) patch at rows i·p…, cols j·p….
         let (g, c_out) = (size / p, self.cfg.out_channels());
         let x = x.reshape([b, g, g, p, p, c_out]).permute([0, 5, 1, 3, 2, 4]).reshape([b, c_out, size, size]); // (B, C_out, H, W)
         x.to_kind(x_t.kind())

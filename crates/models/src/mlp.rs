@@ -21,7 +21,8 @@ pub enum TimeEmbedding {
 #[serde(deny_unknown_fields)]
 pub struct SinusoidalTime {
     pub features: i64, // even; default 64
-    pub scale: f64,    // s is multiplied by this first; default 1000, so periods from 2π to 2π·10⁴ cover t ∈ [0, 1]
+    /// s is multiplied by this first; default 1000, so periods from 2π to 2π·10⁴ cover t ∈ [0, 1]
+    pub scale: f64,
 }
 
 impl Default for SinusoidalTime {
@@ -55,17 +56,23 @@ impl TimeEmbedding {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MlpConfig {
-    pub dim: i64,                         // D of the data (2 for toy sets); required
+    /// D of the data (2 for toy sets); required
+    pub dim: i64,
+    /// hidden units per layer; default 256
     #[serde(default = "default_width")]
-    pub width: i64,                       // hidden units per layer; default 256
+    pub width: i64,
+    /// hidden SiLU layers; default 3
     #[serde(default = "default_depth")]
-    pub depth: i64,                       // hidden SiLU layers; default 3
+    pub depth: i64,
+    /// K; the table has K + 1 rows, row K = null; default 0 (unconditional)
     #[serde(default)]
-    pub num_classes: i64,                 // K; the table has K + 1 rows, row K = null; default 0 (unconditional)
+    pub num_classes: i64,
+    /// of t and of a continuous h; default sinusoidal, 64 features, scale 1000
     #[serde(default)]
-    pub time_embedding: TimeEmbedding,    // of t and of a continuous h; default sinusoidal, 64 features, scale 1000
+    pub time_embedding: TimeEmbedding,
+    /// continuous | log2_level | none; default continuous
     #[serde(default = "default_h_embedding")]
-    pub h_embedding: HEmbedding,          // continuous | log2_level | none; default continuous
+    pub h_embedding: HEmbedding,
 }
 
 fn default_width() -> i64 {

@@ -39,16 +39,25 @@ const ERROR_LIST_MAX: usize = 24;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VaeConfig {
-    pub in_channels: i64,             // image channels; default 3
-    pub out_channels: i64,            // decoded image channels; default 3
-    pub latent_channels: i64,         // latent channels; default 4
+    /// image channels; default 3
+    pub in_channels: i64,
+    /// decoded image channels; default 3
+    pub out_channels: i64,
+    /// latent channels; default 4
+    pub latent_channels: i64,
     pub block_out_channels: Vec<i64>, // channels per level; f = 2^(len − 1); default [128, 256, 512, 512]
-    pub layers_per_block: i64,        // resnets per encoder level (decoder: one more); default 2
-    pub norm_num_groups: i64,         // GroupNorm groups, divides every channel count; default 32
-    pub sample_size: i64,             // training image size (informational); default 256
-    pub scaling_factor: f64,          // model-space latent = scaling_factor·z; default 0.18215
-    pub use_quant_conv: bool,         // 1×1 conv on the encoder's moments; default true
-    pub use_post_quant_conv: bool,    // 1×1 conv before the decoder; default true
+    /// resnets per encoder level (decoder: one more); default 2
+    pub layers_per_block: i64,
+    /// GroupNorm groups, divides every channel count; default 32
+    pub norm_num_groups: i64,
+    /// training image size (informational); default 256
+    pub sample_size: i64,
+    /// model-space latent = scaling_factor·z; default 0.18215
+    pub scaling_factor: f64,
+    /// 1×1 conv on the encoder's moments; default true
+    pub use_quant_conv: bool,
+    /// 1×1 conv before the decoder; default true
+    pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool, // attention between the two mid-block resnets; default true
 }
 
@@ -189,13 +198,7 @@ struct SpatialAttention {
 
 impl SpatialAttention {
     fn new(p: &nn::Path, c: i64, groups: i64) -> Self {
-        SpatialAttention {
-            group_norm: group_norm(p / "group_norm", groups, c),
-            to_q: linear(p / "to_q", c, c),
-            to_k: linear(p / "to_k", c, c),
-            to_v: linear(p / "to_v", c, c),
-            to_out: linear(p / "to_out" / "0", c, c),
-        }
+        SpatialAttention { group_norm: group_norm(p / "group_norm", groups, c), to_q: linear(p / "to_q", c, c), to_k: linear(p / "to_k", c, c), to_v: linear(p / "to_v", c, c), to_out: linear(p / "to_out" / "0", c, c) }
     }
 
     /// (B, C, H, W) → (B, C, H, W).
@@ -203,7 +206,7 @@ impl SpatialAttention {
         let (b, c, h, w) = x.size4().unwrap();
         let tokens = self.group_norm.forward(x).reshape([b, c, h * w]).transpose(1, 2); // (B, T, C)
         let heads = |l: &nn::Linear| l.forward(&tokens).unsqueeze(1); // (B, 1, T, C)
-        // Fused SDPA (its default scale is 1/√C); the VAE never runs under forward-mode AD.
+                                                                      // Fused SDPA (its default scale is 1/√C); the VAE never runs under forward-mode AD.
         let a = Tensor::scaled_dot_product_attention(&heads(&self.to_q), &heads(&self.to_k), &heads(&self.to_v), None::<Tensor>, 0.0, false, None, false);
         let out = self.to_out.forward(&a.squeeze_dim(1)); // (B, T, C)
         out.transpose(1, 2).reshape([b, c, h, w]) + x
@@ -220,10 +223,7 @@ struct MidBlock {
 impl MidBlock {
     fn new(p: &nn::Path, c: i64, groups: i64, attention: bool) -> Self {
         let r = p / "resnets";
-        MidBlock {
-            resnets: [ResnetBlock::new(&(&r / 0), c, c, groups), ResnetBlock::new(&(&r / 1), c, c, groups)],
-            attention: attention.then(|| SpatialAttention::new(&(p / "attentions" / 0), c, groups)),
-        }
+        MidBlock { resnets: [ResnetBlock::new(&(&r / 0), c, c, groups), ResnetBlock::new(&(&r / 1), c, c, groups)], attention: attention.then(|| SpatialAttention::new(&(p / "attentions" / 0), c, groups)) }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {

@@ -232,13 +232,7 @@ fn bf16_on_cpu_falls_back_to_f32() {
 /// Presets plus overrides; without a preset the architecture must be complete.
 #[test]
 fn spec_resolves_presets_and_overrides() {
-    let spec = DitSpec {
-        preset: Some("B/2".into()),
-        h_embedding: Some(HEmbedding::Log2Level),
-        attn_scale: Some(AttnScale::InvHeadDim),
-        num_classes: Some(1),
-        ..Default::default()
-    };
+    let spec = DitSpec { preset: Some("B/2".into()), h_embedding: Some(HEmbedding::Log2Level), attn_scale: Some(AttnScale::InvHeadDim), num_classes: Some(1), ..Default::default() };
     let cfg = DitConfig::try_from(spec).unwrap();
     assert_eq!(cfg, DitConfig { h_embedding: HEmbedding::Log2Level, attn_scale: AttnScale::InvHeadDim, num_classes: 1, ..DitConfig::b2() });
     assert!(DitConfig::try_from(DitSpec { depth: Some(2), ..Default::default() }).is_err());

@@ -6,11 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 #[test]
 fn mlp_shapes_null_row_and_zero_init() {
-    for (time_embedding, h_embedding) in [
-        (TimeEmbedding::default(), HEmbedding::Continuous),
-        (TimeEmbedding::Linear(NoParams {}), HEmbedding::None),
-        (TimeEmbedding::default(), HEmbedding::Log2Level),
-    ] {
+    for (time_embedding, h_embedding) in [(TimeEmbedding::default(), HEmbedding::Continuous), (TimeEmbedding::Linear(NoParams {}), HEmbedding::None), (TimeEmbedding::default(), HEmbedding::Log2Level)] {
         let cfg = MlpConfig { num_classes: 3, time_embedding, h_embedding, ..MlpConfig::new(2) };
         let vs = nn::VarStore::new(Device::Cpu);
         let net = cfg.init(vs.root()).unwrap();

@@ -13,12 +13,7 @@ const PARITY_TOL: f64 = 1e-4;
 
 /// The project venv's python (FLOWMAP_VENV, set by .cargo/config.toml), else `python3`.
 fn python() -> PathBuf {
-    std::env::var_os("FLOWMAP_VENV")
-        .map(PathBuf::from)
-        .or_else(|| option_env!("FLOWMAP_VENV").map(PathBuf::from))
-        .map(|v| v.join("bin").join("python"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("python3"))
+    std::env::var_os("FLOWMAP_VENV").map(PathBuf::from).or_else(|| option_env!("FLOWMAP_VENV").map(PathBuf::from)).map(|v| v.join("bin").join("python")).filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("python3"))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -58,11 +53,7 @@ fn matches_diffusers_autoencoder_kl() {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/vae_reference.py");
-    let out = Command::new(python())
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {} {script:?}: {e}; run scripts/setup.sh (make setup) or set FLOWMAP_VENV", python().display()));
+    let out = Command::new(python()).arg(&script).arg(dir.path()).output().unwrap_or_else(|e| panic!("cannot run {} {script:?}: {e}; run scripts/setup.sh (make setup) or set FLOWMAP_VENV", python().display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.code() == Some(3) {
         eprintln!("SKIPPED: {}", stderr.trim());
@@ -230,13 +221,7 @@ fn bad_files_are_named_with_their_keys() {
     write(&path, &tensors);
     let err = format!("{:#}", Vae::load(&path, &cfg, Device::Cpu).unwrap_err());
     eprintln!("{err}");
-    for needle in [
-        path.to_str().unwrap(),
-        "1 missing, 1 unexpected, 1 shape mismatches",
-        "missing: decoder.conv_out.bias",
-        "unexpected: encoder.extra.weight",
-        "quant_conv.weight: file [8, 8, 3, 3], model [8, 8, 1, 1]",
-    ] {
+    for needle in [path.to_str().unwrap(), "1 missing, 1 unexpected, 1 shape mismatches", "missing: decoder.conv_out.bias", "unexpected: encoder.extra.weight", "quant_conv.weight: file [8, 8, 3, 3], model [8, 8, 1, 1]"] {
         assert!(err.contains(needle), "error lacks `{needle}`:\n{err}");
     }
     // The sd-vae-ft-mse config against a tiny file: the mismatch is reported, not a panic.

@@ -28,27 +28,23 @@ fn cd_grid() -> ConsistencyConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsistencyTrainingConfig {
+    /// default linear
     #[serde(default = "linear")]
-    pub path: InterpolantConfig,  // default linear
-    pub grid: ConsistencyConfig,  // spacing + curriculum; Shortcut code: uniform, doubling with stages = 7 over the run; required
+    pub path: InterpolantConfig,
+    /// spacing + curriculum; Shortcut code: uniform, doubling with stages = 7 over the run; required
+    pub grid: ConsistencyConfig,
+    /// net predicting x̂ from the less noisy point; default ema (both codes)
     #[serde(default)]
-    pub target: TargetNet,        // net predicting x̂ from the less noisy point; default ema (both codes)
+    pub target: TargetNet,
+    /// default 0.1 (the Shortcut code drops none here)
     #[serde(default = "default_dropout")]
-    pub label_dropout: f64,       // default 0.1 (the Shortcut code drops none here)
+    pub label_dropout: f64,
 }
 
 impl ConsistencyTrainingConfig {
     /// The Shortcut code's curriculum: uniform grid, 2^k intervals in stage k of 7 over `total_steps`.
     pub fn shortcut_code(total_steps: u64) -> Self {
-        Self {
-            path: linear(),
-            grid: ConsistencyConfig {
-                spacing: GridSpacing::Uniform(NoParams {}),
-                schedule: CtSchedule::Doubling(DoublingSchedule { stages: 7, total_steps }),
-            },
-            target: TargetNet::Ema,
-            label_dropout: 0.1,
-        }
+        Self { path: linear(), grid: ConsistencyConfig { spacing: GridSpacing::Uniform(NoParams {}), schedule: CtSchedule::Doubling(DoublingSchedule { stages: 7, total_steps }) }, target: TargetNet::Ema, label_dropout: 0.1 }
     }
 
     pub fn build(&self) -> anyhow::Result<ConsistencyTraining> {
@@ -64,20 +60,26 @@ impl ConsistencyTrainingConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsistencyDistillationConfig {
+    /// default linear
     #[serde(default = "linear")]
-    pub path: InterpolantConfig,       // default linear
+    pub path: InterpolantConfig,
+    /// default uniform, fixed 129 points: t ∈ {1/128, …, 1}, teacher step 1/128 (code)
     #[serde(default = "cd_grid")]
-    pub grid: ConsistencyConfig,       // default uniform, fixed 129 points: t ∈ {1/128, …, 1}, teacher step 1/128 (code)
+    pub grid: ConsistencyConfig,
+    /// default ema (code `call_model_ema`)
     #[serde(default)]
-    pub target: TargetNet,             // default ema (code `call_model_ema`)
+    pub target: TargetNet,
+    /// h fed to the (flow-matching) teacher; default 0 (code: 1/128)
     #[serde(default)]
-    pub teacher_h: f64,                // h fed to the (flow-matching) teacher; default 0 (code: 1/128)
+    pub teacher_h: f64,
     #[serde(default)]
     pub teacher_cfg_scale: Option<f64>, // CFG on the teacher step; default none
+    /// clamp of the teacher's intermediate point (code: 4); default none
     #[serde(default)]
-    pub clip: Option<f64>,             // clamp of the teacher's intermediate point (code: 4); default none
+    pub clip: Option<f64>,
+    /// default 0.1 (the code drops none)
     #[serde(default = "default_dropout")]
-    pub label_dropout: f64,            // default 0.1 (the code drops none)
+    pub label_dropout: f64,
 }
 
 impl Default for ConsistencyDistillationConfig {
@@ -100,15 +102,7 @@ impl ConsistencyDistillationConfig {
         }
         let dropout = LabelDropout::new(self.label_dropout);
         dropout.validate()?;
-        Ok(ConsistencyDistillation {
-            path: self.path.build(),
-            grid: grid.build(),
-            target: self.target,
-            teacher_h: self.teacher_h,
-            teacher_cfg_scale: self.teacher_cfg_scale,
-            clip: self.clip,
-            dropout,
-        })
+        Ok(ConsistencyDistillation { path: self.path.build(), grid: grid.build(), target: self.target, teacher_h: self.teacher_h, teacher_cfg_scale: self.teacher_cfg_scale, clip: self.clip, dropout })
     }
 }
 

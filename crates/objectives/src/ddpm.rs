@@ -35,9 +35,11 @@ pub enum DdpmVariance {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DdpmObjectiveConfig {
-    pub schedule: DdpmConfig,   // steps (1000), beta_start (1e-4), beta_end (0.02): ADM "linear"
+    /// steps (1000), beta_start (1e-4), beta_end (0.02): ADM "linear"
+    pub schedule: DdpmConfig,
     pub variance: DdpmVariance, // fixed | learned; default fixed (flowmap default, methods.md §5)
-    pub label_dropout: f64,     // probability of the null class per row; default 0.1 (DiT)
+    /// probability of the null class per row; default 0.1 (DiT)
+    pub label_dropout: f64,
 }
 
 impl Default for DdpmObjectiveConfig {
@@ -70,7 +72,8 @@ struct StepCoefs {
     alpha_bar: Tensor,
     log_beta: Tensor,
     post_log_var: Tensor, // log β̃_n, with β̃_0 replaced by β̃_1 (improved DDPM "clipped")
-    post_coef_x: Tensor,  // posterior mean = post_coef_x·x + post_coef_xt·x_n
+    /// posterior mean = post_coef_x·x + post_coef_xt·x_n
+    post_coef_x: Tensor,
     post_coef_xt: Tensor,
 }
 
@@ -85,13 +88,7 @@ impl Ddpm {
         let coef_x = &betas * ab_prev.sqrt() / (-&ab + 1.0);
         let coef_xt = (-&ab_prev + 1.0) * (-&betas + 1.0).sqrt() / (-&ab + 1.0);
         let at = |v: &Tensor| v.index_select(0, n);
-        StepCoefs {
-            alpha_bar: at(&ab),
-            log_beta: at(&betas.log()),
-            post_log_var: at(&post_var_clipped.log()),
-            post_coef_x: at(&coef_x),
-            post_coef_xt: at(&coef_xt),
-        }
+        StepCoefs { alpha_bar: at(&ab), log_beta: at(&betas.log()), post_log_var: at(&post_var_clipped.log()), post_coef_x: at(&coef_x), post_coef_xt: at(&coef_xt) }
     }
 
     /// The per-sample variational term (bits per dimension), (B,): KL(q(x_{n−1}|x_n, x) ‖ p(x_{n−1}|x_n))

@@ -12,20 +12,19 @@ use tch::Tensor;
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FlowMatchingConfig {
-    pub path: InterpolantConfig,   // default linear (alpha = 1 − t, sigma = t)
-    pub times: TimeSamplerConfig,  // default uniform; Shortcut code: discrete_uniform, bins = 128
-    pub flow_h: f64,               // h fed to the network; default 0 (Shortcut code: 1/128)
-    pub label_dropout: f64,        // probability of the null class per row; default 0.1
+    /// default linear (alpha = 1 − t, sigma = t)
+    pub path: InterpolantConfig,
+    /// default uniform; Shortcut code: discrete_uniform, bins = 128
+    pub times: TimeSamplerConfig,
+    /// h fed to the network; default 0 (Shortcut code: 1/128)
+    pub flow_h: f64,
+    /// probability of the null class per row; default 0.1
+    pub label_dropout: f64,
 }
 
 impl Default for FlowMatchingConfig {
     fn default() -> Self {
-        Self {
-            path: InterpolantConfig::Linear(NoParams {}),
-            times: TimeSamplerConfig::default(),
-            flow_h: 0.0,
-            label_dropout: 0.1,
-        }
+        Self { path: InterpolantConfig::Linear(NoParams {}), times: TimeSamplerConfig::default(), flow_h: 0.0, label_dropout: 0.1 }
     }
 }
 
@@ -52,15 +51,7 @@ pub struct FlowMatching {
 
 /// Squared error of the network against the conditional velocity on rows (x, ε, t, class), (B, ...),
 /// elementwise; the caller reduces. h = `flow_h` for every row.
-pub fn flow_matching_error(
-    net: &dyn VelocityField,
-    path: &dyn Interpolant,
-    x: &Tensor,
-    eps: &Tensor,
-    t: &Tensor,
-    flow_h: f64,
-    class: &Tensor,
-) -> Tensor {
+pub fn flow_matching_error(net: &dyn VelocityField, path: &dyn Interpolant, x: &Tensor, eps: &Tensor, t: &Tensor, flow_h: f64, class: &Tensor) -> Tensor {
     let x_t = path.interpolate(x, eps, t);
     let v = path.velocity(x, eps, t);
     let out = net.forward(&x_t, t, &t.full_like(flow_h), class);

@@ -19,14 +19,21 @@ pub const LIVE_REFLOW_ROLLOUT_STEPS: i64 = 8;
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LiveReflowConfig {
-    pub path: InterpolantConfig,       // default linear
-    pub times: TimeSamplerConfig,      // for both kinds of rows; default uniform (code: discrete_uniform, 128 bins)
-    pub reflow_fraction: f64,          // share of rows with generated couplings; default 0.125 (code)
-    pub rollout_steps: i64,            // Euler steps of the rollout; default 8 (code)
+    /// default linear
+    pub path: InterpolantConfig,
+    /// for both kinds of rows; default uniform (code: discrete_uniform, 128 bins)
+    pub times: TimeSamplerConfig,
+    /// share of rows with generated couplings; default 0.125 (code)
+    pub reflow_fraction: f64,
+    /// Euler steps of the rollout; default 8 (code)
+    pub rollout_steps: i64,
     pub rollout_cfg_scale: Option<f64>, // CFG scale of the rollout with the rows' labels; default none = unconditional rollout (code with cfg_scale 0)
-    pub flow_h: f64,                   // h on flow rows and inside the rollout; default 0 (code: 1/128)
-    pub reflow_h: f64,                 // h on reflow rows; default 1 (code: level 0)
-    pub label_dropout: f64,            // on flow rows only (reflow rows keep labels, as in the code); default 0.1
+    /// h on flow rows and inside the rollout; default 0 (code: 1/128)
+    pub flow_h: f64,
+    /// h on reflow rows; default 1 (code: level 0)
+    pub reflow_h: f64,
+    /// on flow rows only (reflow rows keep labels, as in the code); default 0.1
+    pub label_dropout: f64,
 }
 
 impl Default for LiveReflowConfig {
@@ -56,16 +63,7 @@ impl LiveReflowConfig {
         anyhow::ensure!((0.0..=1.0).contains(&self.flow_h) && (0.0..=1.0).contains(&self.reflow_h), "flow_h and reflow_h must be in [0, 1]");
         let dropout = LabelDropout::new(self.label_dropout);
         dropout.validate()?;
-        Ok(LiveReflow {
-            path: self.path.build(),
-            times: self.times.build(),
-            reflow_fraction: self.reflow_fraction,
-            rollout_steps: self.rollout_steps,
-            rollout_cfg_scale: self.rollout_cfg_scale,
-            flow_h: self.flow_h,
-            reflow_h: self.reflow_h,
-            dropout,
-        })
+        Ok(LiveReflow { path: self.path.build(), times: self.times.build(), reflow_fraction: self.reflow_fraction, rollout_steps: self.rollout_steps, rollout_cfg_scale: self.rollout_cfg_scale, flow_h: self.flow_h, reflow_h: self.reflow_h, dropout })
     }
 }
 
@@ -123,15 +121,7 @@ impl Objective for LiveReflow {
         // Flow rows: b_r..b, with label dropout.
         let flow_class = batch.class.narrow(0, b_r, b - b_r);
         let (flow_class, _) = self.dropout.apply(&flow_class, net.null_class());
-        let flow_err = flow_matching_error(
-            net,
-            self.path.as_ref(),
-            &x.narrow(0, b_r, b - b_r),
-            &eps.narrow(0, b_r, b - b_r),
-            &t.narrow(0, b_r, b - b_r),
-            self.flow_h,
-            &flow_class,
-        );
+        let flow_err = flow_matching_error(net, self.path.as_ref(), &x.narrow(0, b_r, b - b_r), &eps.narrow(0, b_r, b - b_r), &t.narrow(0, b_r, b - b_r), self.flow_h, &flow_class);
         if b_r == 0 {
             let value = flow_err.mean(None);
             return Loss { metrics: vec![("flow_loss", value.detach())], value };

@@ -45,10 +45,13 @@ pub enum JvpMode {
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MeanFlowGuidance {
-    pub omega: f64,   // default 1.0 (official B/4 default)
-    pub kappa: f64,   // default 0.5 (official B/4 default); 0 skips the conditional pass
+    /// default 1.0 (official B/4 default)
+    pub omega: f64,
+    /// default 0.5 (official B/4 default); 0 skips the conditional pass
+    pub kappa: f64,
     pub t_start: f64, // default 0
-    pub t_end: f64,   // default 1
+    /// default 1
+    pub t_end: f64,
 }
 
 impl Default for MeanFlowGuidance {
@@ -60,15 +63,23 @@ impl Default for MeanFlowGuidance {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MeanFlowConfig {
-    pub path: InterpolantConfig,          // default linear (the identity holds for any path: v = α̇x + σ̇ε)
-    pub times: MeanFlowPairsConfig,       // equal_fraction (0.75, share with r = t), times (logit-normal −0.4, 1.0)
-    pub tangent: MeanFlowTangent,         // conditional | model; default conditional (official)
-    pub stop_gradient: bool,              // sg on the JVP term; default true (official)
-    pub jvp_mode: JvpMode,                // one_pass | graph_free; default one_pass
-    pub weighting: AdaptiveWeighting,     // power (1.0), c (0.01)
+    /// default linear (the identity holds for any path: v = α̇x + σ̇ε)
+    pub path: InterpolantConfig,
+    /// equal_fraction (0.75, share with r = t), times (logit-normal −0.4, 1.0)
+    pub times: MeanFlowPairsConfig,
+    /// conditional | model; default conditional (official)
+    pub tangent: MeanFlowTangent,
+    /// sg on the JVP term; default true (official)
+    pub stop_gradient: bool,
+    /// one_pass | graph_free; default one_pass
+    pub jvp_mode: JvpMode,
+    /// power (1.0), c (0.01)
+    pub weighting: AdaptiveWeighting,
     pub guidance: Option<MeanFlowGuidance>, // default none (v_g = v)
-    pub label_dropout: f64,               // default 0.1
-    pub label_dropout_rows: DropRows,     // random | leading; default leading (official `cond_drop`)
+    /// default 0.1
+    pub label_dropout: f64,
+    /// random | leading; default leading (official `cond_drop`)
+    pub label_dropout_rows: DropRows,
 }
 
 impl Default for MeanFlowConfig {
@@ -102,26 +113,14 @@ impl MeanFlowConfig {
         let pairs = PairSamplerConfig::MeanFlow(self.times.clone());
         pairs.validate()?;
         self.weighting.validate()?;
-        anyhow::ensure!(
-            self.stop_gradient || self.jvp_mode == JvpMode::OnePass,
-            "mean_flow: stop_gradient = false needs jvp_mode = \"one_pass\" (the gradient flows through the JVP)"
-        );
+        anyhow::ensure!(self.stop_gradient || self.jvp_mode == JvpMode::OnePass, "mean_flow: stop_gradient = false needs jvp_mode = \"one_pass\" (the gradient flows through the JVP)");
         if let Some(g) = self.guidance {
             anyhow::ensure!(g.omega.is_finite() && g.kappa.is_finite() && g.kappa < 1.0, "mean_flow: need finite omega and kappa < 1");
             anyhow::ensure!(0.0 <= g.t_start && g.t_start <= g.t_end && g.t_end <= 1.0, "mean_flow: need 0 <= t_start <= t_end <= 1");
         }
         let dropout = LabelDropout { p: self.label_dropout, rows: self.label_dropout_rows };
         dropout.validate()?;
-        Ok(MeanFlow {
-            path: self.path.build(),
-            pairs: pairs.build(),
-            tangent: self.tangent,
-            stop_gradient: self.stop_gradient,
-            jvp_mode: self.jvp_mode,
-            weighting: self.weighting,
-            guidance: self.guidance,
-            dropout,
-        })
+        Ok(MeanFlow { path: self.path.build(), pairs: pairs.build(), tangent: self.tangent, stop_gradient: self.stop_gradient, jvp_mode: self.jvp_mode, weighting: self.weighting, guidance: self.guidance, dropout })
     }
 }
 

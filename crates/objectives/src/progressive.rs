@@ -15,17 +15,22 @@ pub const PD_STAGES: u32 = 7;
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProgressiveConfig {
+    /// default linear
     #[serde(default = "linear")]
-    pub path: InterpolantConfig,     // default linear
+    pub path: InterpolantConfig,
+    /// stage s trains h = 2^-(stages-1-s) from teacher steps of half that; default 7 (code)
     #[serde(default = "pd_stages")]
-    pub stages: u32,                 // stage s trains h = 2^-(stages-1-s) from teacher steps of half that; default 7 (code)
-    pub steps_per_stage: u64,        // training steps per stage (code: max_steps / 7); required
+    pub stages: u32,
+    /// training steps per stage (code: max_steps / 7); required
+    pub steps_per_stage: u64,
     #[serde(default)]
     pub teacher_cfg_scale: Option<f64>, // CFG scale of the teacher in stage 0 only (code `bootstrap_cfg`, 1.5); default none
+    /// clamp of the intermediate point x_t − (h/2)·u₁ (code: 4); default none
     #[serde(default)]
-    pub clip: Option<f64>,           // clamp of the intermediate point x_t − (h/2)·u₁ (code: 4); default none
+    pub clip: Option<f64>,
+    /// same dropped label for student and teacher; default 0.1 (the code drops none)
     #[serde(default = "default_dropout")]
-    pub label_dropout: f64,          // same dropped label for student and teacher; default 0.1 (the code drops none)
+    pub label_dropout: f64,
 }
 
 fn linear() -> InterpolantConfig {
@@ -55,14 +60,7 @@ impl ProgressiveConfig {
         }
         let dropout = LabelDropout::new(self.label_dropout);
         dropout.validate()?;
-        Ok(ProgressiveDistillation {
-            path: self.path.build(),
-            stages: self.stages,
-            steps_per_stage: self.steps_per_stage,
-            teacher_cfg_scale: self.teacher_cfg_scale,
-            clip: self.clip,
-            dropout,
-        })
+        Ok(ProgressiveDistillation { path: self.path.build(), stages: self.stages, steps_per_stage: self.steps_per_stage, teacher_cfg_scale: self.teacher_cfg_scale, clip: self.clip, dropout })
     }
 }
 

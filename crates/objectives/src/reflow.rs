@@ -54,15 +54,7 @@ pub struct Pairs {
 /// `sample(noise, class) -> x̂` (any sampler: Euler over 128 steps with CFG is the usual choice,
 /// methods.md §6). Runs under no_grad; returns the couplings on the CPU and writes them to `out`
 /// as safetensors when given. Noise is drawn on `device` from the global generator.
-pub fn generate_pairs(
-    count: i64,
-    batch_size: i64,
-    item_shape: &[i64],
-    device: Device,
-    mut classes: impl FnMut(i64) -> Tensor,
-    mut sample: impl FnMut(&Tensor, &Tensor) -> Tensor,
-    out: Option<&Path>,
-) -> Result<Pairs> {
+pub fn generate_pairs(count: i64, batch_size: i64, item_shape: &[i64], device: Device, mut classes: impl FnMut(i64) -> Tensor, mut sample: impl FnMut(&Tensor, &Tensor) -> Tensor, out: Option<&Path>) -> Result<Pairs> {
     ensure!(count >= 1 && batch_size >= 1, "generate_pairs: count and batch_size must be positive");
     let (mut noises, mut xs, mut labels) = (vec![], vec![], vec![]);
     let mut done = 0;
@@ -96,9 +88,7 @@ pub fn save_pairs(pairs: &Pairs, path: &Path) -> Result<()> {
 /// Reads couplings written by [`save_pairs`], checking names and shapes.
 pub fn load_pairs(path: &Path) -> Result<Pairs> {
     let named = Tensor::read_safetensors(path).with_context(|| format!("reading reflow pairs from {}", path.display()))?;
-    let take = |key: &str| -> Result<Tensor> {
-        named.iter().find(|(k, _)| k == key).map(|(_, t)| t.shallow_clone()).with_context(|| format!("{}: no tensor named {key:?}", path.display()))
-    };
+    let take = |key: &str| -> Result<Tensor> { named.iter().find(|(k, _)| k == key).map(|(_, t)| t.shallow_clone()).with_context(|| format!("{}: no tensor named {key:?}", path.display())) };
     let pairs = Pairs { noise: take(NOISE_KEY)?, x: take(SAMPLE_KEY)?, class: take(CLASS_KEY)? };
     ensure!(pairs.noise.size() == pairs.x.size(), "{}: noise {:?} and x {:?} differ in shape", path.display(), pairs.noise.size(), pairs.x.size());
     ensure!(pairs.class.size() == [pairs.x.size()[0]] && pairs.class.kind() == Kind::Int64, "{}: class must be ({},) Int64", path.display(), pairs.x.size()[0]);

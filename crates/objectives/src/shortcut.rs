@@ -8,10 +8,7 @@ use crate::flow_matching::flow_matching_error;
 use crate::label_dropout::{null_classes, LabelDropout};
 use crate::{Batch, Loss, Nets, Objective, TargetNet};
 use flowmap_core::time::{DiscreteUniformConfig, DyadicSteps};
-use flowmap_core::{
-    per_sample, Interpolant, InterpolantConfig, NoParams, PairSampler, SigmaMinConfig, TimeSampler, TimeSamplerConfig,
-    VelocityField,
-};
+use flowmap_core::{per_sample, Interpolant, InterpolantConfig, NoParams, PairSampler, SigmaMinConfig, TimeSampler, TimeSamplerConfig, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -45,16 +42,25 @@ pub enum ShortcutPreset {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(try_from = "ShortcutSpec")]
 pub struct ShortcutConfig {
-    pub path: InterpolantConfig,       // paper: linear; code: linear_sigma_min (1e-5)
+    /// paper: linear; code: linear_sigma_min (1e-5)
+    pub path: InterpolantConfig,
     pub flow_times: TimeSamplerConfig, // t on flow rows; paper: uniform; code: discrete_uniform, 128 bins
-    pub flow_h: f64,                   // h on flow rows; paper: 0; code: 1/128
-    pub bootstrap_fraction: f64,       // share of rows with self-consistency targets; paper: 0.25; code: 0.125
-    pub max_level: u32,                // h ∈ {2^-max_level, …, 1}; bootstrap rows use levels < max_level; both: 7
-    pub target: TargetNet,             // net evaluating u₁, u₂; paper: online; code: ema (`bootstrap_ema = 1`)
-    pub clip: f64,                     // clamp of x_t − (h/2)·u₁ and of the target; paper: inf (none); code: 4
-    pub bootstrap_cfg_scale: f64,      // CFG of u₁, u₂ on the finest bootstrap level; paper: 1 (none); code: 1.5
-    pub label_dropout: f64,            // on flow rows only (bootstrap rows keep labels); both: 0.1
-    pub reuse_bootstrap_images: bool,  // flow rows take the first B − B_b images, as the code (issue #10); paper: false; code: true
+    /// h on flow rows; paper: 0; code: 1/128
+    pub flow_h: f64,
+    /// share of rows with self-consistency targets; paper: 0.25; code: 0.125
+    pub bootstrap_fraction: f64,
+    /// h ∈ {2^-max_level, …, 1}; bootstrap rows use levels < max_level; both: 7
+    pub max_level: u32,
+    /// net evaluating u₁, u₂; paper: online; code: ema (`bootstrap_ema = 1`)
+    pub target: TargetNet,
+    /// clamp of x_t − (h/2)·u₁ and of the target; paper: inf (none); code: 4
+    pub clip: f64,
+    /// CFG of u₁, u₂ on the finest bootstrap level; paper: 1 (none); code: 1.5
+    pub bootstrap_cfg_scale: f64,
+    /// on flow rows only (bootstrap rows keep labels); both: 0.1
+    pub label_dropout: f64,
+    /// flow rows take the first B − B_b images, as the code (issue #10); paper: false; code: true
+    pub reuse_bootstrap_images: bool,
 }
 
 impl ShortcutConfig {
@@ -113,13 +119,7 @@ impl ShortcutConfig {
 
     pub fn build(&self) -> anyhow::Result<Shortcut> {
         self.validate()?;
-        Ok(Shortcut {
-            path: self.path.build(),
-            flow_times: self.flow_times.build(),
-            levels: DyadicSteps { max_level: self.max_level - 1 },
-            cfg: self.clone(),
-            dropout: LabelDropout::new(self.label_dropout),
-        })
+        Ok(Shortcut { path: self.path.build(), flow_times: self.flow_times.build(), levels: DyadicSteps { max_level: self.max_level - 1 }, cfg: self.clone(), dropout: LabelDropout::new(self.label_dropout) })
     }
 }
 

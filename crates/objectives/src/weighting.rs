@@ -13,7 +13,8 @@ pub const MEANFLOW_C: f64 = 0.01;
 #[serde(default, deny_unknown_fields)]
 pub struct AdaptiveWeighting {
     pub power: f64, // p; default 1.0 (MeanFlow ImageNet; py-meanflow CIFAR uses 0.75); 0 = plain mean
-    pub c: f64,     // added to L_i before the power; default 0.01
+    /// added to L_i before the power; default 0.01
+    pub c: f64,
 }
 
 impl Default for AdaptiveWeighting {

@@ -270,21 +270,12 @@ pub struct AdamWHyper {
 pub fn fused_adamw(params: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], steps: &[Tensor], hp: AdamWHyper) -> Result<()> {
     let n = params.len();
     if [grads.len(), m.len(), v.len(), steps.len()].iter().any(|&l| l != n) {
-        return Err(TorchError(format!(
-            "fused_adamw: list lengths differ (params {n}, grads {}, m {}, v {}, steps {})",
-            grads.len(),
-            m.len(),
-            v.len(),
-            steps.len()
-        )));
+        return Err(TorchError(format!("fused_adamw: list lengths differ (params {n}, grads {}, m {}, v {}, steps {})", grads.len(), m.len(), v.len(), steps.len())));
     }
     let ptrs = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect::<Vec<_>>();
     let (p, g, a, b, s) = (ptrs(params), ptrs(grads), ptrs(m), ptrs(v), ptrs(steps));
-    check(unsafe {
-        ffi::flowmap_fused_adamw(p.as_ptr(), g.as_ptr(), a.as_ptr(), b.as_ptr(), s.as_ptr(), n as i64, hp.lr, hp.beta1, hp.beta2, hp.weight_decay, hp.eps)
-    })
+    check(unsafe { ffi::flowmap_fused_adamw(p.as_ptr(), g.as_ptr(), a.as_ptr(), b.as_ptr(), s.as_ptr(), n as i64, hp.lr, hp.beta1, hp.beta2, hp.weight_decay, hp.eps) })
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Build and device facts

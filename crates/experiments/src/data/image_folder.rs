@@ -85,12 +85,7 @@ impl ImageFolder {
                 labels = vec![0; files.len()];
             }
             Layout::ClassFolders => {
-                let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
-                    .with_context(|| format!("listing {}", root.display()))?
-                    .filter_map(|e| e.ok())
-                    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                    .map(|e| e.path())
-                    .collect();
+                let mut dirs: Vec<PathBuf> = std::fs::read_dir(root).with_context(|| format!("listing {}", root.display()))?.filter_map(|e| e.ok()).filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false)).map(|e| e.path()).collect();
                 dirs.sort();
                 ensure!(!dirs.is_empty(), "{}: layout = \"class_folders\" but there are no class folders (use layout = \"flat\" for a folder of images)", root.display());
                 for (id, dir) in dirs.iter().enumerate() {
@@ -143,12 +138,7 @@ pub fn load_center_cropped(path: &Path, size: u32) -> Result<Vec<u8>> {
     if bytes.starts_with(&[0xFF, 0xD8]) {
         ensure!(jpeg_is_complete(&bytes), "{}: truncated JPEG (no end-of-image marker after the image data)", path.display());
     }
-    let img = image::ImageReader::new(std::io::Cursor::new(&bytes))
-        .with_guessed_format()
-        .with_context(|| format!("reading {}", path.display()))?
-        .decode()
-        .with_context(|| format!("decoding {}", path.display()))?
-        .to_rgb8();
+    let img = image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().with_context(|| format!("reading {}", path.display()))?.decode().with_context(|| format!("decoding {}", path.display()))?.to_rgb8();
     let (w, h) = img.dimensions();
     ensure!(w >= 1 && h >= 1, "{}: empty image", path.display());
     Ok(center_crop_arr(img.as_raw(), w as usize, h as usize, size as usize))
@@ -398,10 +388,14 @@ pub fn hwc_to_chw(hwc: &[u8], s: usize, flip: bool) -> Vec<u8> {
 /// Decodes a batch in parallel (on the current rayon pool), flipping the rows marked in `flip`.
 pub fn load_batch(folder: &ImageFolder, indices: &[i64], flip: &[bool], size: u32, skips: &SkipLog) -> Result<U8Batch> {
     let s = size as usize;
-    let rows: Vec<(usize, Vec<u8>)> = indices.par_iter().zip(flip.par_iter()).map(|(&i, &f)| {
-        let (used, hwc) = load_with_replacement(folder, i as usize, size, skips)?;
-        Ok((used, hwc_to_chw(&hwc, s, f)))
-    }).collect::<Result<_>>()?;
+    let rows: Vec<(usize, Vec<u8>)> = indices
+        .par_iter()
+        .zip(flip.par_iter())
+        .map(|(&i, &f)| {
+            let (used, hwc) = load_with_replacement(folder, i as usize, size, skips)?;
+            Ok((used, hwc_to_chw(&hwc, s, f)))
+        })
+        .collect::<Result<_>>()?;
     let mut images = Vec::with_capacity(rows.len() * 3 * s * s);
     let mut used = Vec::with_capacity(rows.len());
     for (u, px) in rows {

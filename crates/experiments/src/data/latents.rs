@@ -17,8 +17,8 @@
 //! Shards cover fixed ranges of source indices (`shard_size` files each), so an interrupted and
 //! resumed encode writes byte-identical shards and manifest to a straight one.
 use super::image_folder::{hwc_to_chw, ImageFolder, Layout, SkipLog};
-use crate::cache::sha256_file;
 use crate::atomic_file::write_atomic;
+use crate::cache::sha256_file;
 use crate::rng::{self, Stream};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -66,18 +66,24 @@ impl LatentDtype {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaeIdentity {
-    pub weights: String,     // path as given
-    pub sha256: String,      // of the weights file
-    pub scale: f64,          // latent scaling factor applied at training time (SD: 0.18215)
+    /// path as given
+    pub weights: String,
+    /// of the weights file
+    pub sha256: String,
+    /// latent scaling factor applied at training time (SD: 0.18215)
+    pub scale: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardEntry {
     pub file: String,
-    pub first_index: usize,  // first source index covered
-    pub sources: usize,      // source indices covered (first_index .. first_index + sources)
-    pub rows: usize,         // latents stored (sources minus skipped files)
+    /// first source index covered
+    pub first_index: usize,
+    /// source indices covered (first_index .. first_index + sources)
+    pub sources: usize,
+    /// latents stored (sources minus skipped files)
+    pub rows: usize,
     pub sha256: String,
 }
 

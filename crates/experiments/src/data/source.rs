@@ -46,27 +46,38 @@ pub enum DataSet {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    pub dataset: DataSet,           // "mnist" | "fashion_mnist" | "image_folder" | "latents"
+    /// "mnist" | "fashion_mnist" | "image_folder" | "latents"
+    pub dataset: DataSet,
+    /// mnist/fashion_mnist: "train" (default) | "test"
     #[serde(default = "default_split")]
-    pub split: SplitName,           // mnist/fashion_mnist: "train" (default) | "test"
+    pub split: SplitName,
+    /// class-conditional or unconditional (all null)
     #[serde(default)]
-    pub conditional: bool,          // class-conditional or unconditional (all null)
+    pub conditional: bool,
+    /// use only the first `limit` images (smoke tests)
     #[serde(default)]
-    pub limit: Option<usize>,       // use only the first `limit` images (smoke tests)
+    pub limit: Option<usize>,
+    /// image_folder: the root; latents: the folder or manifest.json; ${VAR} expanded
     #[serde(default)]
-    pub path: Option<String>,       // image_folder: the root; latents: the folder or manifest.json; ${VAR} expanded
+    pub path: Option<String>,
+    /// image_folder: "class_folders" (default) | "flat"
     #[serde(default)]
-    pub layout: Option<Layout>,     // image_folder: "class_folders" (default) | "flat"
+    pub layout: Option<Layout>,
+    /// image_folder/latents with conditional = true: K (checked against the data)
     #[serde(default)]
-    pub num_classes: Option<i64>,   // image_folder/latents with conditional = true: K (checked against the data)
+    pub num_classes: Option<i64>,
+    /// image_folder/latents: crop size in pixels; default 256
     #[serde(default)]
-    pub image_size: Option<i64>,    // image_folder/latents: crop size in pixels; default 256
+    pub image_size: Option<i64>,
+    /// image_folder/latents: random horizontal flip; default true
     #[serde(default)]
-    pub flip: Option<bool>,         // image_folder/latents: random horizontal flip; default true
+    pub flip: Option<bool>,
+    /// image_folder: decode threads; default: all cores
     #[serde(default)]
-    pub workers: Option<usize>,     // image_folder: decode threads; default: all cores
+    pub workers: Option<usize>,
+    /// image_folder: batches decoded ahead; default 2
     #[serde(default)]
-    pub prefetch: Option<usize>,    // image_folder: batches decoded ahead; default 2
+    pub prefetch: Option<usize>,
     #[serde(default)]
     pub reflow_pairs: Option<String>, // train on stored (noise, sample) pairs from `flowmap reflow-pairs` (two-stage reflow); the other fields still describe the data
 }
@@ -206,7 +217,18 @@ impl DataSource for LatentReader {
     }
     fn describe(&self) -> String {
         let m = &self.manifest;
-        format!("latents {} ({} rows from {}, {:?} latents {:?} of {}² crops, flips stored {}, {} classes, VAE sha256 {}…)", self.dir.display(), self.len(), m.source, m.dtype, m.latent_shape, m.image_size, m.flip, m.num_classes(), &m.vae.sha256[..m.vae.sha256.len().min(12)])
+        format!(
+            "latents {} ({} rows from {}, {:?} latents {:?} of {}² crops, flips stored {}, {} classes, VAE sha256 {}…)",
+            self.dir.display(),
+            self.len(),
+            m.source,
+            m.dtype,
+            m.latent_shape,
+            m.image_size,
+            m.flip,
+            m.num_classes(),
+            &m.vae.sha256[..m.vae.sha256.len().min(12)]
+        )
     }
     fn batch(&mut self, indices: &[i64], step: u64, device: Device) -> Result<(Tensor, Tensor)> {
         LatentReader::batch(self, indices, step, device)
@@ -306,7 +328,15 @@ impl DataConfig {
             ensure!(!p.is_empty(), "data.reflow_pairs: empty path (a file made by `flowmap reflow-pairs`)");
         }
         if self.dataset.is_builtin() {
-            for (set, key) in [(self.path.is_some(), "path"), (self.layout.is_some(), "layout"), (self.num_classes.is_some(), "num_classes"), (self.image_size.is_some(), "image_size"), (self.flip.is_some(), "flip"), (self.workers.is_some(), "workers"), (self.prefetch.is_some(), "prefetch")] {
+            for (set, key) in [
+                (self.path.is_some(), "path"),
+                (self.layout.is_some(), "layout"),
+                (self.num_classes.is_some(), "num_classes"),
+                (self.image_size.is_some(), "image_size"),
+                (self.flip.is_some(), "flip"),
+                (self.workers.is_some(), "workers"),
+                (self.prefetch.is_some(), "prefetch"),
+            ] {
                 ensure!(!set, "data.{key} is for dataset = \"image_folder\" or \"latents\", not {name:?}");
             }
             if let (Some(n), None, Some(total)) = (self.limit, &self.reflow_pairs, self.dataset.split_len(self.split)) {

@@ -94,12 +94,7 @@ pub struct Inception {
 
 impl std::fmt::Debug for Inception {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inception")
-            .field("device", &self.device)
-            .field("preprocess", &self.preprocess)
-            .field("batch_size", &self.batch_size)
-            .field("weights_sha256", &self.weights_sha256)
-            .finish()
+        f.debug_struct("Inception").field("device", &self.device).field("preprocess", &self.preprocess).field("batch_size", &self.batch_size).field("weights_sha256", &self.weights_sha256).finish()
     }
 }
 
@@ -108,11 +103,7 @@ impl Inception {
     /// the fix (`make setup`) when the file is missing or its checksum is wrong.
     pub fn load(device: Device, preprocess: Preprocess) -> Result<Self> {
         cache::require("inception/")?;
-        let sha = cache::expected_files()
-            .into_iter()
-            .find(|(_, rel)| *rel == WEIGHTS_REL)
-            .map(|(sha, _)| sha.to_string())
-            .context("data/SHA256SUMS lists no Inception weights")?;
+        let sha = cache::expected_files().into_iter().find(|(_, rel)| *rel == WEIGHTS_REL).map(|(sha, _)| sha.to_string()).context("data/SHA256SUMS lists no Inception weights")?;
         Self::load_with_checksum(&cache::inception_weights(), sha, device, preprocess)
     }
 

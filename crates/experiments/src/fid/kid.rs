@@ -17,9 +17,11 @@ use tch::{Kind, Tensor};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KidSettings {
-    pub num_subsets: usize,     // 100 (torch-fidelity, clean-fid)
+    /// 100 (torch-fidelity, clean-fid)
+    pub num_subsets: usize,
     pub max_subset_size: usize, // 1000; capped by the smaller sample
-    pub seed: u64,              // subset selection (ChaCha8), so a number is reproducible
+    /// subset selection (ChaCha8), so a number is reproducible
+    pub seed: u64,
 }
 
 impl Default for KidSettings {

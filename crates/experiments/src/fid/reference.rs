@@ -1,8 +1,8 @@
 //! Reference statistics: computed from a data set's split and cached on disk under a key that
 //! hashes everything that changes them, or read from a published `.npz` (`mu`, `sigma`).
 use crate::cache;
-use crate::file_lock::FileLock;
 use crate::data::idx::{self, Split};
+use crate::file_lock::FileLock;
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};

@@ -11,7 +11,8 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug)]
 pub struct FeatureStats {
     count: i64,
-    sum: Tensor,       // (D,)
+    /// (D,)
+    sum: Tensor,
     sum_outer: Tensor, // (D, D)
 }
 

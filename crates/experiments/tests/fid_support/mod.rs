@@ -4,12 +4,7 @@ use std::process::Command;
 
 /// The project venv's python (FLOWMAP_VENV, set by .cargo/config.toml), else `python3`.
 pub fn python() -> PathBuf {
-    std::env::var_os("FLOWMAP_VENV")
-        .map(PathBuf::from)
-        .or_else(|| option_env!("FLOWMAP_VENV").map(PathBuf::from))
-        .map(|v| v.join("bin").join("python"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("python3"))
+    std::env::var_os("FLOWMAP_VENV").map(PathBuf::from).or_else(|| option_env!("FLOWMAP_VENV").map(PathBuf::from)).map(|v| v.join("bin").join("python")).filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("python3"))
 }
 
 /// Runs the reference helper and returns its stdout; None (after a SKIPPED message) when python
