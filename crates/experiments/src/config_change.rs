@@ -83,22 +83,25 @@ pub fn check_resume(run: &RunDir, cfg: &ExperimentConfig, table: &toml::Table, s
     for c in &changes {
         tracing::warn!("config change at step {step} (--allow-config-change): {c}");
     }
-    if path.exists() {
-        let before = run.root.join(format!("config.step_{step:08}.toml"));
-        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        crate::atomic_file::write_atomic(&before, &text)?;
-    }
-    run.write_config(table)?;
+    // The record first, then the old file kept, then the new one: a kill at any point leaves the
+    // change recorded (a repeated resume records it again) and never loses the old config.
+    let had_config = path.exists();
+    let before = run.root.join(format!("config.step_{step:08}.toml"));
     let record = serde_json::json!({
         "step": step,
         "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "previous_config": if path.exists() { format!("config.step_{step:08}.toml") } else { String::new() },
+        "previous_config": if had_config { before.file_name().map(|n| n.to_string_lossy().into_owned()) } else { None },
         "unreadable_previous_config": old.as_ref().err().map(|e| format!("{e:#}")),
         "changes": changes.iter().map(|c| serde_json::json!({ "key": c.key, "old": c.old, "new": c.new })).collect::<Vec<_>>(),
     });
     let log = run.config_changes();
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&log).with_context(|| format!("opening {}", log.display()))?;
     f.write_all(format!("{record}\n").as_bytes()).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", log.display()))?;
+    if had_config {
+        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        crate::atomic_file::write_atomic(&before, &text)?;
+    }
+    run.write_config(table)?;
     Ok(())
 }
