@@ -1,7 +1,7 @@
 //! Every TOML file under experiments/ parses and validates (experiment files through the training
 //! loader, table specs through the table loader, including each row's experiment), and typos in
 //! any section are rejected with the key named.
-use flowmap::experiments::{table, train};
+use flowmap::experiments::{config, table};
 use std::path::{Path, PathBuf};
 
 fn toml_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -27,7 +27,7 @@ fn every_experiment_file_parses_and_validates() {
     let mut failures = vec![];
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
-        let result = if text.lines().any(|l| l.trim() == "[table]") { table::read_spec(f).map(|_| ()) } else { train::load_config(f, &[]).map(|_| ()) };
+        let result = if text.lines().any(|l| l.trim() == "[table]") { table::read_spec(f).map(|_| ()) } else { config::load_config(f, &[]).map(|_| ()) };
         if let Err(e) = result {
             failures.push(format!("{}: {e:#}", f.display()));
         }
@@ -49,11 +49,11 @@ fn typos_in_any_section_are_rejected_naming_the_key() {
         ("eval.num_sample=3", "num_sample"),
         ("model.kind=dit2", "dit2"),
     ] {
-        let e = format!("{:#}", train::load_config(&f, &[set.to_string()]).unwrap_err());
+        let e = format!("{:#}", config::load_config(&f, &[set.to_string()]).unwrap_err());
         assert!(e.contains(key), "--set {set}: {e}");
         assert!(e.contains("mean_flow.toml"), "--set {set}: the file is not named: {e}");
     }
     // Cross-section checks: the model must embed exactly the data's classes.
-    let e = format!("{:#}", train::load_config(&f, &["model.num_classes=3".into()]).unwrap_err());
+    let e = format!("{:#}", config::load_config(&f, &["model.num_classes=3".into()]).unwrap_err());
     assert!(e.contains("model.num_classes = 3"), "{e}");
 }

@@ -6,8 +6,8 @@
 //! refused with the list of keys, unless `--allow-config-change` is given; then the old file is
 //! kept as `config.step_XXXXXXXX.toml`, the new one becomes `config.toml`, and the change is
 //! appended to `config_changes.jsonl`.
+use crate::config::ExperimentConfig;
 use crate::run_dir::RunDir;
-use crate::train::ExperimentConfig;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt;

@@ -4,8 +4,8 @@
 //! no CUDA (the cpu wheel), no NVIDIA driver or no visible device, or a driver older than the CUDA
 //! version the wheel was built with (the PyPI wheel is CUDA 13.0 and needs driver >= 580). The
 //! reason is logged once per process with what to do about it; `flowmap doctor` prints the facts.
-use crate::train::DeviceChoice;
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -249,6 +249,23 @@ pub fn cpu_fallback_reason() -> Option<String> {
     // libtorch sees no device, whatever the facts say about the driver.
     let facts = CudaFacts { devices: 0, ..CudaFacts::probe() };
     fallback_reason(&facts).map(|r| r.to_string())
+}
+
+/// `run.device`: where a run trains and evaluates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceChoice {
+    /// `auto` without CUDA warns once with the reason; `cuda` without CUDA is an error.
+    pub fn device(self) -> Result<Device> {
+        resolve(self)
+    }
 }
 
 /// The device for a `run.device` (or `--device`) choice. `auto` without CUDA warns once per process

@@ -6,8 +6,8 @@
 //! weights named in `[vae]` (and checks their sha256 against the latents manifest), optionally runs
 //! one forward pass of the model on that batch, and reports the teacher run (which may not exist
 //! yet: a warning, not an error).
+use crate::config::ExperimentConfig;
 use crate::data::source::DataSet;
-use crate::train::ExperimentConfig;
 use anyhow::{ensure, Context, Result};
 use std::fmt::Write as _;
 use tch::{Device, Kind, Tensor};
@@ -46,7 +46,7 @@ pub struct DryRunOptions {
 pub fn dry_run(cfg: &ExperimentConfig, opts: DryRunOptions) -> Result<DryRunReport> {
     let mut r = DryRunReport::default();
     cfg.validate()?;
-    r.lines.push(format!("config: run {:?}, {} steps of batch {}, objective {}", cfg.run.name, cfg.run.steps, cfg.run.batch_size, crate::train::objective_kind(&cfg.objective)));
+    r.lines.push(format!("config: run {:?}, {} steps of batch {}, objective {}", cfg.run.name, cfg.run.steps, cfg.run.batch_size, crate::config::objective_kind(&cfg.objective)));
     let net = tch::no_grad(|| cfg.model.build(Device::Cpu))?;
     r.parameters = net.num_parameters();
     r.lines.push(format!("model: {} trainable parameters, sample shape {:?}, {} classes", r.parameters, cfg.model.sample_shape(), cfg.model.num_classes()));

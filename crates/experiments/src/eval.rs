@@ -2,12 +2,15 @@
 //! reference statistics of a data split (cached) or a published `.npz`, appended to `fid.csv`.
 use crate::data::idx::Split;
 use crate::data::image_folder::{load_batch, ImageFolder, Layout, SkipLog};
+use crate::data::source::DataConfig;
 use crate::data::source::{DataSet, SplitName};
 use crate::fid::{self, EvalSettings, FidRow, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec};
+use crate::model::{load_run_weights, ModelConfig};
 use crate::rng::{self, Stream};
 use crate::run_dir::RunDir;
+use crate::sampling::SamplingConfig;
 use crate::sampling::Weights;
-use crate::train::{load_run_weights, ExperimentConfig};
+use crate::vae_section::VaeSection;
 use anyhow::{ensure, Context, Result};
 use flowmap_core::VelocityField;
 use serde::{Deserialize, Serialize};
@@ -63,10 +66,10 @@ pub struct ReferenceConfig {
     /// a published `mu`/`sigma` file instead (no KID then); ${VAR} expanded
     #[serde(default)]
     pub npz: Option<PathBuf>,
-    /// an image folder instead (ADM center crop at data.image_size); default for
+    /// an image folder instead (ADM center crop at data.image_size); default for image_folder and
+    /// latents runs: data.path / the latents' source folder
     #[serde(default)]
     pub folder: Option<String>,
-    // image_folder/latents runs: data.path / the latents' source folder
     #[serde(default)]
     pub layout: Option<crate::data::image_folder::Layout>, // of `folder`; default class_folders
 }
@@ -101,15 +104,15 @@ pub fn check_steps(steps: &[usize], what: &str) -> Result<()> {
 }
 
 /// The reference for a run, computed (or read from the cache) with `inception`.
-pub fn reference(cfg: &ExperimentConfig, eval: &EvalConfig, inception: &Inception) -> Result<Reference> {
+pub fn reference(data: &DataConfig, eval: &EvalConfig, inception: &Inception) -> Result<Reference> {
     if let Some(npz) = &eval.reference.npz {
         let npz = PathBuf::from(crate::data::source::expand_env(&npz.display().to_string()).context("eval.reference.npz")?);
         return Reference::from_npz(&npz);
     }
-    if let Some((root, layout)) = reference_folder(cfg, eval)? {
-        return folder_reference(inception, &root, layout, cfg.data.image_size() as u32, eval.reference.num_images);
+    if let Some((root, layout)) = reference_folder(data, eval)? {
+        return folder_reference(inception, &root, layout, data.image_size() as u32, eval.reference.num_images);
     }
-    let dataset = eval.reference.dataset.unwrap_or(cfg.data.dataset);
+    let dataset = eval.reference.dataset.unwrap_or(data.dataset);
     let spec = SplitSpec {
         dataset: dataset.name().parse::<RefDataset>()?,
         split: match eval.reference.split.unwrap_or(SplitName::Test) {
@@ -125,7 +128,7 @@ pub fn reference(cfg: &ExperimentConfig, eval: &EvalConfig, inception: &Inceptio
 
 /// The image folder reference statistics come from, if any: `eval.reference.folder`, else the run's
 /// image folder or the source folder of its latents.
-fn reference_folder(cfg: &ExperimentConfig, eval: &EvalConfig) -> Result<Option<(PathBuf, Layout)>> {
+fn reference_folder(data: &DataConfig, eval: &EvalConfig) -> Result<Option<(PathBuf, Layout)>> {
     use crate::data::source::expand_env;
     if let Some(f) = &eval.reference.folder {
         return Ok(Some((PathBuf::from(expand_env(f).context("eval.reference.folder")?), eval.reference.layout.unwrap_or(Layout::ClassFolders))));
@@ -133,10 +136,10 @@ fn reference_folder(cfg: &ExperimentConfig, eval: &EvalConfig) -> Result<Option<
     if eval.reference.dataset.is_some_and(|d| d.is_builtin()) {
         return Ok(None);
     }
-    Ok(match cfg.data.dataset {
-        DataSet::ImageFolder => Some((cfg.data.resolved_path()?, cfg.data.layout.unwrap_or(Layout::ClassFolders))),
+    Ok(match data.dataset {
+        DataSet::ImageFolder => Some((data.resolved_path()?, data.layout.unwrap_or(Layout::ClassFolders))),
         DataSet::Latents => {
-            let m = crate::data::latents::LatentReader::open(&cfg.data.resolved_path()?, false, false, 0, None)?.manifest;
+            let m = crate::data::latents::LatentReader::open(&data.resolved_path()?, false, false, 0, None)?.manifest;
             Some((PathBuf::from(&m.source), m.layout))
         }
         _ => None,
@@ -176,6 +179,18 @@ fn folder_features(inception: &Inception, folder: &ImageFolder, n: usize, size: 
     Reference::from_features("folder", Some(inception.preprocess()), Tensor::cat(&feats, 0))
 }
 
+/// What an evaluation reads from a run's config (see `ExperimentConfig::eval_inputs`): the model
+/// (sample shape, weights to load), the data (classes, reference statistics), the VAE of a latent
+/// run, the sampling rule and the seed of the evaluation noise.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalInputs<'a> {
+    pub model: &'a ModelConfig,
+    pub data: &'a DataConfig,
+    pub vae: &'a Option<VaeSection>,
+    pub sampling: &'a SamplingConfig,
+    pub seed: u64,
+}
+
 /// The Inception network, reference statistics and (for latent runs) the VAE of an evaluation,
 /// loaded once and reused (e.g. at every `eval.every` steps of a training run).
 pub struct Evaluator {
@@ -186,11 +201,11 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    pub fn new(cfg: &ExperimentConfig, eval: &EvalConfig, device: Device) -> Result<Self> {
+    pub fn new(run: &EvalInputs, eval: &EvalConfig, device: Device) -> Result<Self> {
         let inception = Inception::load(device, eval.preprocess)?.with_batch_size(eval.batch);
-        let reference = reference(cfg, eval, &inception)?;
+        let reference = reference(run.data, eval, &inception)?;
         // Latent-space runs: decode with the VAE before the Inception network.
-        let vae = crate::vae_section::for_run(&cfg.vae, &cfg.data).map(|v| v.load(device)).transpose()?;
+        let vae = crate::vae_section::for_run(run.vae, run.data).map(|v| v.load(device)).transpose()?;
         let settings = EvalSettings { num_samples: eval.num_samples, generate_batch: eval.batch, kid: eval.kid.then(KidSettings::default) };
         Ok(Self { inception, reference, vae, settings })
     }
@@ -199,11 +214,11 @@ impl Evaluator {
     /// `<run>/fid.csv` with `train_step`. Noise and labels are fixed by (seed, chunk), so every step
     /// count and every training step sees the same inputs and a re-evaluation gives the same numbers.
     #[allow(clippy::too_many_arguments)]
-    pub fn evaluate(&self, cfg: &ExperimentConfig, net: &dyn VelocityField, weights: Weights, train_step: u64, steps: &[usize], run: &Path, device: Device) -> Result<Vec<FidRow>> {
+    pub fn evaluate(&self, run_cfg: &EvalInputs, net: &dyn VelocityField, weights: Weights, train_step: u64, steps: &[usize], run: &Path, device: Device) -> Result<Vec<FidRow>> {
         check_steps(steps, "step counts")?;
-        let setting = SampleSetting { train_step, cfg_scale: cfg.sampling.cfg_scale, weights: weights.name().into() };
-        let shape = cfg.model.sample_shape();
-        let num_classes = cfg.data.num_classes();
+        let setting = SampleSetting { train_step, cfg_scale: run_cfg.sampling.cfg_scale, weights: weights.name().into() };
+        let shape = run_cfg.model.sample_shape();
+        let num_classes = run_cfg.data.num_classes();
         let null = net.null_class();
         let mut chunk = 0u64;
         let mut last_steps = None;
@@ -211,14 +226,14 @@ impl Evaluator {
             if last_steps != Some(s) {
                 (chunk, last_steps) = (0, Some(s));
             }
-            rng::reseed(cfg.run.seed, chunk, Stream::Eval);
+            rng::reseed(run_cfg.seed, chunk, Stream::Eval);
             let mut full = vec![n as i64];
             full.extend_from_slice(&shape);
             let noise = Tensor::randn(full.as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
             let start = chunk as i64 * n as i64;
             let class = crate::sampling::cycled_classes(n as i64, start, num_classes, null, device);
             chunk += 1;
-            let x = cfg.sampling.generate(net, noise, &class, s).to_kind(Kind::Float);
+            let x = run_cfg.sampling.generate(net, noise, &class, s).to_kind(Kind::Float);
             Ok(match &self.vae {
                 Some(v) => flowmap_models::vae::decode_for_fid(v, &x),
                 None => x,
@@ -230,10 +245,10 @@ impl Evaluator {
 
 /// Evaluates the newest complete checkpoint of a trained run (see [`Evaluator::evaluate`]).
 /// `eval` and `steps` are checked first (nothing is loaded, computed or written on an error).
-pub fn evaluate_run(run: &Path, cfg: &ExperimentConfig, eval: &EvalConfig, weights: Weights, steps: &[usize], device: Device) -> Result<Vec<FidRow>> {
+pub fn evaluate_run(run: &Path, run_cfg: &EvalInputs, eval: &EvalConfig, weights: Weights, steps: &[usize], device: Device) -> Result<Vec<FidRow>> {
     check_steps(steps, "--steps")?;
     eval.validate()?;
     let ck = crate::checkpoint::CheckpointDir::new(RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint to evaluate", run.display()))?;
-    let net = load_run_weights(run, &cfg.model, weights, device)?;
-    Evaluator::new(cfg, eval, device)?.evaluate(cfg, net.net.as_ref(), weights, ck.step, steps, run, device)
+    let net = load_run_weights(run, run_cfg.model, weights, device)?;
+    Evaluator::new(run_cfg, eval, device)?.evaluate(run_cfg, net.net.as_ref(), weights, ck.step, steps, run, device)
 }

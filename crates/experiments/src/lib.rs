@@ -4,6 +4,7 @@ pub mod atomic_file;
 pub mod cache;
 pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod config_change;
 pub mod data;
 pub mod device;

@@ -2,9 +2,10 @@
 //! noise, maps it through a trained run's sampler (its `[sampling]` rule and guidance, at a chosen
 //! step count) and stores the couplings (noise, sample, class) as safetensors; a `reflow` run then
 //! trains on them through `data.reflow_pairs`.
+use crate::config::ExperimentConfig;
+use crate::model::load_run_weights;
 use crate::rng::{self, Stream};
 use crate::sampling::Weights;
-use crate::train::{load_run_weights, ExperimentConfig};
 use anyhow::{ensure, Result};
 use flowmap_objectives::reflow::{generate_pairs, Pairs};
 use std::path::Path;

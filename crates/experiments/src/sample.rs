@@ -1,10 +1,11 @@
 //! `flowmap sample`: images from a trained run at a list of step counts, as PNG grids and as a
 //! safetensors file per step count (`images`, (N, C, H, W) float in [−1, 1], and `class`).
 //! Runs on VAE latents are decoded to pixels first.
+use crate::config::ExperimentConfig;
+use crate::model::load_run_weights;
 use crate::rng::{self, Stream};
 use crate::run_dir::RunDir;
 use crate::sampling::Weights;
-use crate::train::{load_run_weights, ExperimentConfig};
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};

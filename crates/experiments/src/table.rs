@@ -75,12 +75,12 @@ pub fn read_spec(path: &Path) -> Result<TableSpec> {
     Ok(spec)
 }
 
-fn row_config(spec_path: &Path, spec: &TableSpec, row: &TableRow) -> Result<(train::ExperimentConfig, toml::Table, PathBuf)> {
+fn row_config(spec_path: &Path, spec: &TableSpec, row: &TableRow) -> Result<(crate::config::ExperimentConfig, toml::Table, PathBuf)> {
     let base = spec_path.parent().unwrap_or(Path::new("."));
     let path = if row.config.is_absolute() { row.config.clone() } else { base.join(&row.config) };
     let mut sets = spec.table.set.clone();
     sets.extend(row.set.iter().cloned());
-    let (cfg, table) = train::load_config(&path, &sets).with_context(|| format!("row {:?}", row.label))?;
+    let (cfg, table) = crate::config::load_config(&path, &sets).with_context(|| format!("row {:?}", row.label))?;
     Ok((cfg, table, spec.table.out_dir.join(slug(&row.label))))
 }
 
@@ -109,7 +109,7 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
         let mut rows: Vec<FidRow> = have.iter().filter(|r| spec.table.steps.iter().any(|&s| matches(r, s))).cloned().collect();
         if !missing.is_empty() {
             tracing::info!("== {}: FID at steps {missing:?} ({} samples each)", row.label, spec.eval.num_samples);
-            rows.extend(eval::evaluate_run(dir, cfg, &spec.eval, spec.table.weights, &missing, cfg.run.device.device()?)?);
+            rows.extend(eval::evaluate_run(dir, &cfg.eval_inputs(), &spec.eval, spec.table.weights, &missing, cfg.run.device.device()?)?);
         }
         rows.sort_by_key(|r| r.nfe);
         rows.dedup_by_key(|r| r.nfe);

@@ -4,12 +4,12 @@
 //! per-epoch permutation, computes the objective's loss, checks it (and the gradient norm) for
 //! finiteness, steps AdamW and the EMA. Checkpoints hold model, EMA, AdamW moments, step, data
 //! position and counters, so `--resume auto` continues exactly (same parameters, same losses).
-use crate::adamw::{AdamW, AdamWConfig};
+use crate::adamw::AdamW;
 use crate::checkpoint::{CheckpointContents, CheckpointDir};
-use crate::data::source::DataConfig;
+use crate::config::{ExperimentConfig, NonFinite};
 use crate::loader::{DataPosition, Order};
 use crate::metrics::MetricsWriter;
-use crate::model::{load_vars, named_vars, ModelConfig, Net};
+use crate::model::{load_run_weights, load_vars, named_vars, Net};
 use crate::progress::Progress;
 use crate::rng::{self, Stream};
 use crate::run_dir::RunDir;
@@ -17,186 +17,13 @@ use crate::sampling::{fixed_inputs, SamplingConfig, Weights};
 use crate::tensorboard::EventWriter;
 use anyhow::{bail, ensure, Context, Result};
 use flowmap_core::{Ema, VelocityField};
-use flowmap_objectives::{Batch, Nets, ObjectiveConfig};
+use flowmap_objectives::{Batch, Nets};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
-
-/// A whole experiment file.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExperimentConfig {
-    pub run: RunConfig,
-    pub data: DataConfig,
-    pub model: ModelConfig,
-    pub objective: ObjectiveConfig,
-    pub optimizer: AdamWConfig,
-    #[serde(default)]
-    pub ema: EmaConfig,
-    pub sampling: SamplingConfig,
-    #[serde(default)]
-    pub teacher: Option<TeacherConfig>,
-    #[serde(default)]
-    pub eval: Option<crate::eval::EvalConfig>,
-    #[serde(default)]
-    pub vae: Option<crate::vae_section::VaeSection>,
-}
-
-/// `[run]`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunConfig {
-    /// run directory name under out_dir
-    pub name: String,
-    /// base seed of every random stream; default 0
-    #[serde(default)]
-    pub seed: u64,
-    /// optimizer steps
-    pub steps: u64,
-    /// images per step
-    pub batch_size: i64,
-    /// auto (CUDA if available) | cpu | cuda
-    #[serde(default)]
-    pub device: DeviceChoice,
-    /// default "runs"
-    #[serde(default = "default_out_dir")]
-    pub out_dir: PathBuf,
-    /// metrics/progress every N steps (reads the loss: one sync); default 50
-    #[serde(default = "default_log_every")]
-    pub log_every: u64,
-    /// sample grids every N steps; 0 = only at the end
-    #[serde(default)]
-    pub sample_every: u64,
-    /// 0 = only at the end (and on SIGTERM)
-    #[serde(default)]
-    pub checkpoint_every: u64,
-    /// complete checkpoints kept; default 2
-    #[serde(default = "default_keep")]
-    pub keep_checkpoints: usize,
-    /// stop (default) | skip
-    #[serde(default)]
-    pub on_nonfinite: NonFinite,
-    /// with skip: stop after this many non-finite steps in a row; default 10
-    #[serde(default = "default_max_skips")]
-    pub max_consecutive_skips: u64,
-    /// intra-op CPU threads (default: libtorch's choice)
-    #[serde(default)]
-    pub threads: Option<i32>,
-}
-
-impl RunConfig {
-    /// Range checks (errors name the key and the allowed range).
-    pub fn validate(&self) -> Result<()> {
-        let name = &self.name;
-        ensure!(
-            !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\']) && !name.chars().any(char::is_control),
-            "run.name = {name:?}: must be a non-empty folder name (not \".\" or \"..\", no '/', '\\' or control characters); it names the run directory under run.out_dir"
-        );
-        ensure!(self.steps >= 1, "run.steps = {}: must be >= 1", self.steps);
-        ensure!(self.batch_size >= 1, "run.batch_size = {}: must be >= 1", self.batch_size);
-        ensure!(self.log_every >= 1, "run.log_every = {}: must be >= 1", self.log_every);
-        ensure!(self.keep_checkpoints >= 1, "run.keep_checkpoints = {}: must be >= 1", self.keep_checkpoints);
-        ensure!(!self.out_dir.as_os_str().is_empty(), "run.out_dir: empty path (default \"runs\")");
-        if let Some(n) = self.threads {
-            ensure!(n >= 1, "run.threads = {n}: must be >= 1 (leave it out for libtorch's choice)");
-        }
-        Ok(())
-    }
-}
-
-fn default_out_dir() -> PathBuf {
-    PathBuf::from("runs")
-}
-fn default_log_every() -> u64 {
-    50
-}
-fn default_keep() -> usize {
-    2
-}
-fn default_max_skips() -> u64 {
-    10
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceChoice {
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl DeviceChoice {
-    /// `auto` without CUDA warns once with the reason; `cuda` without CUDA is an error (crate::device).
-    pub fn device(self) -> Result<Device> {
-        crate::device::resolve(self)
-    }
-}
-
-/// What a non-finite loss or gradient does.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NonFinite {
-    /// Stop with an error; the last complete checkpoint is kept untouched.
-    #[default]
-    Stop,
-    /// Skip the update (parameters, EMA and optimizer unchanged) and count it.
-    Skip,
-}
-
-/// `[ema]`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EmaConfig {
-    /// default 0.9999
-    #[serde(default = "default_decay")]
-    pub decay: f64,
-    /// decay_n = min(decay, (1 + n)/(10 + n)); default false
-    #[serde(default)]
-    pub warmup: bool,
-}
-
-fn default_decay() -> f64 {
-    0.9999
-}
-
-impl EmaConfig {
-    pub fn validate(&self) -> Result<()> {
-        ensure!((0.0..=1.0).contains(&self.decay), "ema.decay = {}: must be in [0, 1]", self.decay);
-        Ok(())
-    }
-}
-
-impl Default for EmaConfig {
-    fn default() -> Self {
-        Self { decay: default_decay(), warmup: false }
-    }
-}
-
-/// `[teacher]`: a trained run whose weights distillation objectives use (and reflow pairs come
-/// from). Progressive distillation also starts the student from it.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TeacherConfig {
-    /// the teacher's run directory (its config.toml must describe the same model)
-    pub run: PathBuf,
-    /// ema (default) | online
-    #[serde(default)]
-    pub weights: Weights,
-    /// also start the student (and its EMA) from these weights
-    #[serde(default)]
-    pub init_student: bool,
-}
-
-impl TeacherConfig {
-    pub fn validate(&self) -> Result<()> {
-        ensure!(!self.run.as_os_str().is_empty(), "teacher.run: empty path (the teacher's run directory)");
-        Ok(())
-    }
-}
+use tch::{Kind, Tensor};
 
 /// How a `train` call treats an existing run directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,79 +88,6 @@ struct TrainerState {
     flowmap_version: String,
 }
 
-/// Loads an experiment file with `--set` overrides (errors name the file and the key).
-pub fn load_config(path: &Path, overrides: &[String]) -> Result<(ExperimentConfig, toml::Table)> {
-    let (cfg, table): (ExperimentConfig, toml::Table) = crate::overrides::load(path, overrides)?;
-    cfg.validate().with_context(|| format!("{}: invalid config", path.display()))?;
-    Ok((cfg, table))
-}
-
-impl ExperimentConfig {
-    /// Cross-section checks serde cannot express.
-    pub fn validate(&self) -> Result<()> {
-        self.run.validate()?;
-        self.data.validate()?;
-        if let (Some(limit), None) = (self.data.limit, &self.data.reflow_pairs) {
-            ensure!(self.run.batch_size as usize <= limit, "run.batch_size = {} is larger than data.limit = {limit} (the images one epoch draws from)", self.run.batch_size);
-        }
-        self.model.validate()?;
-        self.optimizer.validate()?;
-        self.ema.validate()?;
-        if let Some(t) = &self.teacher {
-            t.validate()?;
-        }
-        if let Some(e) = &self.eval {
-            e.validate()?;
-        }
-        if let Some(v) = crate::vae_section::for_run(&self.vae, &self.data) {
-            v.arch.validate().context("[vae.arch]")?;
-            if self.data.dataset == crate::data::source::DataSet::Latents {
-                let s = self.data.image_size();
-                let (made, want) = (v.arch.latent_shape(s, s).to_vec(), self.data.sample_shape());
-                ensure!(made == want, "the VAE of [vae.arch] makes latents {made:?} of {s}² images, data.image_size = {s} implies {want:?} (4 channels, 8× downsampling)");
-            }
-        }
-        ensure!(
-            self.model.num_classes() == self.data.num_classes(),
-            "model.num_classes = {} but the data has {} classes (data.conditional = {}); set model.num_classes = {}",
-            self.model.num_classes(),
-            self.data.num_classes(),
-            self.data.conditional,
-            self.data.num_classes()
-        );
-        let shape = self.model.sample_shape();
-        let data_shape = self.data.sample_shape();
-        ensure!(shape == data_shape, "the model takes samples of shape {shape:?} but {} samples are {data_shape:?} (set model.in_channels / model.input_size)", self.data.dataset.name());
-        self.sampling.validate()?;
-        let objective = self.objective.build_for_batch(self.run.batch_size).with_context(|| format!("[objective] (kind = {:?}, run.batch_size = {})", objective_kind(&self.objective), self.run.batch_size))?;
-        ensure!(
-            !objective.needs_coupled_data() || self.data.reflow_pairs.is_some(),
-            "objective.kind = {:?} trains on stored (noise, sample) pairs: set data.reflow_pairs to a file made by `flowmap reflow-pairs --teacher RUN`",
-            objective_kind(&self.objective)
-        );
-        ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", objective_kind(&self.objective));
-        Ok(())
-    }
-
-    pub fn run_dir(&self, opts: &TrainOptions) -> PathBuf {
-        opts.run_dir.clone().unwrap_or_else(|| self.run.out_dir.join(&self.run.name))
-    }
-}
-
-/// The `kind` string of an objective config.
-pub fn objective_kind(cfg: &ObjectiveConfig) -> String {
-    toml::Value::try_from(cfg).ok().and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(String::from)).unwrap_or_else(|| "?".into())
-}
-
-/// Loads a trained run's weights into a freshly built network of `model` (errors if they differ).
-pub fn load_run_weights(run: &Path, model: &ModelConfig, weights: Weights, device: Device) -> Result<Net> {
-    let ck = CheckpointDir::new(RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint", run.display()))?;
-    let mut net = model.build(device)?;
-    let stem = weights.name();
-    net.load_named(&ck.tensors(if stem == "online" { "model" } else { "ema" })?, &format!("{} ({stem} weights)", ck.dir.display()))?;
-    Ok(net)
-}
-
 /// Trains (or continues) the experiment; the resolved `table` is written as config.toml.
 pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -> Result<Summary> {
     cfg.validate()?;
@@ -360,7 +114,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
             online.vs.copy(&t.vs)?;
         }
     }
-    let run = RunDir::new(cfg.run_dir(opts));
+    let run = RunDir::new(opts.run_dir.clone().unwrap_or_else(|| cfg.default_run_dir()));
     // One process per run directory for the whole call: a second `train` on it is refused.
     let _lock = run.lock()?;
     let ckdir = CheckpointDir::new(run.checkpoints(), cfg.run.keep_checkpoints);
@@ -528,14 +282,14 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         if let Some(ev) = cfg.eval.as_ref().filter(|e| e.every > 0 && (step.is_multiple_of(e.every) || end)) {
             let evaluator = match &evaluator {
                 Some(e) => e,
-                None => evaluator.insert(crate::eval::Evaluator::new(cfg, ev, device)?),
+                None => evaluator.insert(crate::eval::Evaluator::new(&cfg.eval_inputs(), ev, device)?),
             };
             let net: &dyn VelocityField = match cfg.sampling.weights {
                 Weights::Ema => ema_net.as_ref(),
                 Weights::Online => online.net.as_ref(),
             };
             let steps = ev.steps.clone().unwrap_or_else(|| cfg.sampling.steps.clone());
-            for r in evaluator.evaluate(cfg, net, cfg.sampling.weights, step, &steps, &run.root, device)? {
+            for r in evaluator.evaluate(&cfg.eval_inputs(), net, cfg.sampling.weights, step, &steps, &run.root, device)? {
                 tb.scalar(&format!("fid/steps{}", r.nfe), r.fid as f32, step as i64)?;
             }
             progress.pause_done();

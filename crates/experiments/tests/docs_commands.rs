@@ -6,8 +6,8 @@
 //! its rows validates; every bare mention (`flowmap latents`) names a subcommand that exists.
 use clap::{CommandFactory, Parser};
 use flowmap_experiments::cli::{Cli, Command};
+use flowmap_experiments::config::load_config;
 use flowmap_experiments::dry_run::{dry_run, DryRunOptions};
-use flowmap_experiments::train::load_config;
 use std::path::{Path, PathBuf};
 
 fn repo() -> PathBuf {

@@ -251,7 +251,7 @@ fn dry_run_of_every_paper_config_against_fake_data() {
         if imagenet {
             sets.extend(["data.num_classes=2".into(), "model.num_classes=2".into()]);
         }
-        let (cfg, _) = flowmap_experiments::train::load_config(path, &sets).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        let (cfg, _) = flowmap_experiments::config::load_config(path, &sets).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
         // One forward pass (B/2 Shortcut on ImageNet); the others only build the model.
         let forward = !forwarded && path.ends_with("shortcut_imagenet256/shortcut.toml");
         forwarded |= forward;
@@ -262,7 +262,7 @@ fn dry_run_of_every_paper_config_against_fake_data() {
     }
     assert!(forwarded);
     // The real class count is checked against the data.
-    let (cfg, _) = flowmap_experiments::train::load_config(&paper_dir().join("shortcut_imagenet256/flow_matching.toml"), &TINY_VAE_SETS.map(String::from)).unwrap();
+    let (cfg, _) = flowmap_experiments::config::load_config(&paper_dir().join("shortcut_imagenet256/flow_matching.toml"), &TINY_VAE_SETS.map(String::from)).unwrap();
     let err = format!("{:#}", flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward: false }).unwrap_err());
     assert!(err.contains("num_classes = 1000") && err.contains("2 classes"), "{err}");
     // A VAE other than the one the latents were made with is refused.
@@ -270,7 +270,7 @@ fn dry_run_of_every_paper_config_against_fake_data() {
     Vae::random(&tiny_vae_config(), Device::Cpu, 1).unwrap().save(&other).unwrap();
     let mut sets: Vec<String> = TINY_VAE_SETS.map(String::from).to_vec();
     sets.push(format!("vae.weights={:?}", other.display().to_string()));
-    let (cfg, _) = flowmap_experiments::train::load_config(&paper_dir().join("shortcut_celebahq256/shortcut.toml"), &sets).unwrap();
+    let (cfg, _) = flowmap_experiments::config::load_config(&paper_dir().join("shortcut_celebahq256/shortcut.toml"), &sets).unwrap();
     let err = format!("{:#}", flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward: false }).unwrap_err());
     assert!(err.contains("not the weights the latents were encoded with"), "{err}");
     // The table specs parse and name existing configs.

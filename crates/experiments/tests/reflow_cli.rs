@@ -1,7 +1,8 @@
 //! Two-stage reflow end to end on the tiny config: train a flow-matching teacher, store its
 //! (noise, sample) couplings with `flowmap reflow-pairs`, train `reflow` on them.
+use flowmap_experiments::config::load_config;
+use flowmap_experiments::model::load_run_weights;
 use flowmap_experiments::sampling::Weights;
-use flowmap_experiments::train::{load_config, load_run_weights};
 mod cli_support;
 use cli_support::{flowmap, flowmap_ok as ok};
 use std::path::Path;

@@ -1,7 +1,8 @@
 //! Exact resume across processes, SIGTERM, non-finite losses: the reliability promises of the
 //! training loop, on the tiny CPU config (experiments/tiny_cpu.toml).
 use flowmap_experiments::checkpoint::{Checkpoint, CheckpointDir};
-use flowmap_experiments::train::{load_config, train, Outcome, Resume, TrainOptions};
+use flowmap_experiments::config::load_config;
+use flowmap_experiments::train::{train, Outcome, Resume, TrainOptions};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

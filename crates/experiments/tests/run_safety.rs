@@ -3,7 +3,8 @@
 //! shared by two processes, skipped non-finite steps, config changes on resume, the reported
 //! MeanFlow loss and SIGTERM during `flowmap table`.
 use flowmap_experiments::checkpoint::{verify, CheckpointDir};
-use flowmap_experiments::train::{load_config, train, Outcome, TrainOptions};
+use flowmap_experiments::config::load_config;
+use flowmap_experiments::train::{train, Outcome, TrainOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;

@@ -18,7 +18,7 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
     match Cli::parse().command {
         Command::Train { config, set, resume, run_dir, max_steps, dry_run, no_forward, allow_config_change } => {
-            let (cfg, table) = train::load_config(&config, &set)?;
+            let (cfg, table) = flowmap_experiments::config::load_config(&config, &set)?;
             if dry_run {
                 let report = flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward: !no_forward })?;
                 print!("{}", report.render());
@@ -61,7 +61,7 @@ fn main() -> Result<()> {
                 ev.reference.num_images = ref_images;
             }
             let steps = if steps.is_empty() { ev.steps.clone().unwrap_or(cfg.sampling.steps.clone()) } else { steps };
-            let rows = eval::evaluate_run(&run, &cfg, &ev, weights.into(), &steps, cfg.run.device.device()?)?;
+            let rows = eval::evaluate_run(&run, &cfg.eval_inputs(), &ev, weights.into(), &steps, cfg.run.device.device()?)?;
             println!("steps,fid,kid");
             for r in rows {
                 println!("{},{:.3},{}", r.nfe, r.fid, r.kid.map(|k| format!("{k:.5}")).unwrap_or_default());
@@ -108,7 +108,7 @@ fn main() -> Result<()> {
             opts.validate(arch.downsample_factor())?;
             let section = flowmap_experiments::vae_section::VaeSection { weights: vae.map(|p| p.display().to_string()), arch };
             let device = match device {
-                DeviceArg::Auto => flowmap_experiments::device::resolve(train::DeviceChoice::Auto)?,
+                DeviceArg::Auto => flowmap_experiments::device::resolve(flowmap_experiments::device::DeviceChoice::Auto)?,
                 DeviceArg::Cpu => tch::Device::Cpu,
                 DeviceArg::Cuda => tch::Device::Cuda(0),
             };
@@ -135,7 +135,7 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn read_run_config(run: &std::path::Path) -> Result<train::ExperimentConfig> {
+fn read_run_config(run: &std::path::Path) -> Result<flowmap_experiments::config::ExperimentConfig> {
     let table = run_dir::read_config(run)?;
     flowmap_experiments::overrides::deserialize(&table, &run.join("config.toml").display().to_string())
 }
