@@ -227,17 +227,11 @@ impl Evaluator {
                 (chunk, last_steps) = (0, Some(s));
             }
             rng::reseed(run_cfg.seed, chunk, Stream::Eval);
-            let mut full = vec![n as i64];
-            full.extend_from_slice(&shape);
-            let noise = Tensor::randn(full.as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
+            let noise = crate::sampling::noise(n as i64, &shape, device);
             let start = chunk as i64 * n as i64;
             let class = crate::sampling::cycled_classes(n as i64, start, num_classes, null, device);
             chunk += 1;
-            let x = run_cfg.sampling.generate(net, noise, &class, s).to_kind(Kind::Float);
-            Ok(match &self.vae {
-                Some(v) => flowmap_models::vae::decode_for_fid(v, &x),
-                None => x,
-            })
+            Ok(crate::vae_section::to_pixels(self.vae.as_ref(), run_cfg.sampling.generate(net, noise, &class, s).to_kind(Kind::Float)))
         };
         fid::evaluate_steps(&self.inception, &self.reference, steps, &setting, &self.settings, Some(&RunDir::new(run).fid_csv()), generate)
     }

@@ -53,21 +53,15 @@ pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, devic
     let num_classes = cfg.data.num_classes();
     // Latent runs are decoded with the run's VAE before they are saved.
     let vae = crate::vae_section::for_run(&cfg.vae, &cfg.data).map(|v| v.load(device)).transpose()?;
-    let mut shape = vec![req.num];
-    shape.extend(cfg.model.sample_shape());
+    let shape = cfg.model.sample_shape();
     for &steps in &req.steps {
         rng::reseed(req.seed, 0, Stream::Eval); // the same noise for every step count
-        let noise = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
+        let noise = crate::sampling::noise(req.num, &shape, device);
         let class = match (req.class, num_classes) {
             (Some(c), _) => Tensor::full([req.num], c, (Kind::Int64, device)),
             (None, k) => crate::sampling::cycled_classes(req.num, 0, k, net.net.null_class(), device),
         };
-        let x = sampling.generate(net.net.as_ref(), noise, &class, steps).to_kind(Kind::Float);
-        let x = match &vae {
-            Some(v) => flowmap_models::vae::decode_for_fid(v, &x),
-            None => x,
-        }
-        .to_device(Device::Cpu);
+        let x = crate::vae_section::to_pixels(vae.as_ref(), sampling.generate(net.net.as_ref(), noise, &class, steps).to_kind(Kind::Float)).to_device(Device::Cpu);
         crate::image_grid::save_grid(&x, &out.join(format!("steps{steps}.png")))?;
         let path = out.join(format!("steps{steps}.safetensors"));
         crate::atomic_file::write_atomic_to(&path, |tmp| Ok(Tensor::write_safetensors(&[("images", &x), ("class", &class.to_device(Device::Cpu))], tmp)?))?;

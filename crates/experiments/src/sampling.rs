@@ -118,11 +118,15 @@ impl SamplingConfig {
 /// after a resume. Labels cycle through the classes (all null when unconditional).
 pub fn fixed_inputs(seed: u64, n: i64, shape: &[i64], num_classes: i64, null_class: i64, device: Device) -> (Tensor, Tensor) {
     crate::rng::reseed(seed, 0, crate::rng::Stream::Grid);
+    (noise(n, shape, device), cycled_classes(n, 0, num_classes, null_class, device))
+}
+
+/// `n` standard-normal samples of `shape` from the global generator, drawn on the CPU and moved to
+/// `device`, so that a seed gives the same noise on every device.
+pub fn noise(n: i64, shape: &[i64], device: Device) -> Tensor {
     let mut full = vec![n];
     full.extend_from_slice(shape);
-    let noise = Tensor::randn(full.as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
-    let class = cycled_classes(n, 0, num_classes, null_class, device);
-    (noise, class)
+    Tensor::randn(full.as_slice(), (Kind::Float, Device::Cpu)).to_device(device)
 }
 
 /// Labels for `n` generated samples numbered `start..start + n`: sample i gets class i mod K, so

@@ -313,11 +313,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
 #[allow(clippy::too_many_arguments)]
 pub fn write_grids(cfg: &SamplingConfig, net: &dyn VelocityField, noise: &Tensor, class: &Tensor, run: &RunDir, step: u64, tb: &mut EventWriter, vae: Option<&flowmap_models::vae::Vae>) -> Result<()> {
     for &steps in &cfg.steps {
-        let x = cfg.generate(net, noise.shallow_clone(), class, steps).to_kind(Kind::Float);
-        let x = match vae {
-            Some(v) => flowmap_models::vae::decode_for_fid(v, &x),
-            None => x,
-        };
+        let x = crate::vae_section::to_pixels(vae, cfg.generate(net, noise.shallow_clone(), class, steps).to_kind(Kind::Float));
         let path = run.samples().join(format!("step_{step:07}_steps{steps}.png"));
         crate::image_grid::save_grid(&x, &path)?;
         let (png, h, w, c) = crate::image_grid::grid_png(&x)?;

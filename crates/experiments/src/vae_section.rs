@@ -67,6 +67,15 @@ impl VaeSection {
 
 /// The section a run uses: `[vae]`, or the default (sd-vae-ft-mse from $FLOWMAP_SD_VAE) when the
 /// data are latents.
+/// Generated samples as pixels: decoded with the run's VAE for a latent run (`vae` = Some), as
+/// they are otherwise. Grids, `sample` and FID all go through this.
+pub fn to_pixels(vae: Option<&Vae>, x: tch::Tensor) -> tch::Tensor {
+    match vae {
+        Some(v) => flowmap_models::vae::decode_for_fid(v, &x),
+        None => x,
+    }
+}
+
 pub fn for_run(vae: &Option<VaeSection>, data: &DataConfig) -> Option<VaeSection> {
     match (vae, data.dataset) {
         (Some(v), _) => Some(v.clone()),
