@@ -139,8 +139,7 @@ impl CheckpointDir {
         if fin.exists() {
             // Re-saving a step (a stop right after a checkpoint step, a resume): the complete
             // old one stays on disk, under another name, until the new one is in place.
-            let suffix = tmp.file_name().and_then(|n| n.to_str()).and_then(|n| n.split_once(".tmp-")).map(|(_, s)| s.to_string()).unwrap_or_default();
-            let old = self.root.join(format!("{name}.old-{suffix}"));
+            let old = tmp.with_file_name(tmp.file_name().and_then(|n| n.to_str()).unwrap_or_default().replacen(".tmp-", ".old-", 1));
             rename(&fin, &old)?;
             if self.fault == Some(Fault::BetweenRenames) {
                 bail!("injected fault: {} renamed aside, {} not yet renamed into place", fin.display(), tmp.display());
