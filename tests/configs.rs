@@ -1,7 +1,7 @@
 //! Every TOML file under experiments/ parses and validates (experiment files through the training
 //! loader, table specs through the table loader, including each row's experiment), and typos in
 //! any section are rejected with the key named.
-use flowmap::experiments::{config, table};
+use flowmap::experiments::{config, report::table};
 use std::path::{Path, PathBuf};
 
 fn toml_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -1,31 +1,16 @@
-//! flowmap-experiments: data, configs, the training loop, evaluation and the `flowmap` command.
-pub mod adamw;
-pub mod atomic_file;
-pub mod cache;
-pub mod checkpoint;
+//! flowmap-experiments: everything between a TOML file and a FID table, in the order a run goes:
+//!
+//! * [`config`]: the experiment file, its sections, `--set` overrides, validation, config changes on resume;
+//! * [`run`]: the run directory, checkpoints, seeding, atomic writes and locks, devices, the networks of a run;
+//! * [`data`]: data sets and their sources, the batch order, caches, VAE latents, reflow pairs;
+//! * [`train`]: the trainer (loop, saved state, cadences), AdamW, metrics, TensorBoard, progress;
+//! * [`eval`]: sampling, FID/KID, the evaluator, sample export, image grids;
+//! * [`report`]: tables over runs and plots;
+//! * [`cli`]: the `flowmap` command line and the commands that are only glue (doctor, dry run, reflow pairs).
 pub mod cli;
 pub mod config;
-pub mod config_change;
 pub mod data;
-pub mod device;
-pub mod doctor;
-pub mod dry_run;
 pub mod eval;
-pub mod fid;
-pub mod file_lock;
-pub mod image_grid;
-pub mod loader;
-pub mod metrics;
-pub mod model;
-pub mod overrides;
-pub mod plot;
-pub mod progress;
-pub mod reflow_pairs;
-pub mod rng;
-pub mod run_dir;
-pub mod sample;
-pub mod sampling;
-pub mod table;
-pub mod tensorboard;
+pub mod report;
+pub mod run;
 pub mod train;
-pub mod vae_section;

@@ -1,7 +1,7 @@
 //! `device = "auto"`: the driver/CUDA version logic behind its CPU-fallback warning, and what it
 //! resolves to on this machine.
-use flowmap_experiments::device::DeviceChoice;
-use flowmap_experiments::device::{self, CpuReason, CudaFacts, CudaVersion, DriverVersion};
+use flowmap_experiments::run::device::DeviceChoice;
+use flowmap_experiments::run::device::{self, CpuReason, CudaFacts, CudaVersion, DriverVersion};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use tch::Device;

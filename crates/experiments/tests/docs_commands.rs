@@ -5,9 +5,9 @@
 //! read, one forward pass) when its data is built in; every `flowmap table` spec loads and each of
 //! its rows validates; every bare mention (`flowmap latents`) names a subcommand that exists.
 use clap::{CommandFactory, Parser};
+use flowmap_experiments::cli::dry_run::{dry_run, DryRunOptions};
 use flowmap_experiments::cli::{Cli, Command};
 use flowmap_experiments::config::load_config;
-use flowmap_experiments::dry_run::{dry_run, DryRunOptions};
 use std::path::{Path, PathBuf};
 
 fn repo() -> PathBuf {
@@ -290,7 +290,7 @@ fn every_documented_table_spec_loads_and_its_rows_validate() {
         let argv: Vec<String> = std::iter::once("flowmap".to_string()).chain(words(&d.text)).collect();
         let Ok(Cli { command: Command::Table { spec, .. } }) = Cli::try_parse_from(&argv) else { panic!("{}: {}", d.origin, d.text) };
         let spec = repo().join(spec);
-        let s = flowmap_experiments::table::read_spec(&spec).unwrap_or_else(|e| panic!("{}: {e:#}", d.origin));
+        let s = flowmap_experiments::report::table::read_spec(&spec).unwrap_or_else(|e| panic!("{}: {e:#}", d.origin));
         s.eval.validate().unwrap_or_else(|e| panic!("{}: [eval]: {e:#}", d.origin));
         for row in &s.rows {
             let sets: Vec<String> = s.table.set.iter().chain(&row.set).cloned().collect();

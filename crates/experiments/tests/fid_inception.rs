@@ -1,8 +1,8 @@
 //! FID with the real Inception network on a few MNIST test images (≈ 6 images/s on 2 CPU cores,
 //! so every test uses at most 16 distinct images per set). Needs `make setup` (data cache).
-use flowmap_experiments::cache;
+use flowmap_experiments::data::cache;
 use flowmap_experiments::data::idx::{self, Split};
-use flowmap_experiments::fid::{evaluate_steps, read_fid_csv, EvalSettings, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec, FEATURE_DIM};
+use flowmap_experiments::eval::fid::{evaluate_steps, read_fid_csv, EvalSettings, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec, FEATURE_DIM};
 use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -22,7 +22,7 @@ fn max_abs(t: &Tensor) -> f64 {
 
 fn write_u8_npz(path: &Path, images: &Tensor) {
     use npyz::WriterBuilder;
-    let q = flowmap_experiments::fid::quantize(images).contiguous();
+    let q = flowmap_experiments::eval::fid::quantize(images).contiguous();
     let shape: Vec<u64> = q.size().iter().map(|&s| s as u64).collect();
     let v: Vec<u8> = Vec::try_from(q.reshape([-1])).unwrap();
     let mut npz = npyz::npz::NpzWriter::create(path).unwrap();

@@ -1,7 +1,7 @@
 //! FID / KID maths without the Inception network: the Fréchet distance against scipy
 //! (tests/python/frechet_reference.py) and closed forms, streaming statistics, KID's
 //! unbiasedness, the `.npz` format, the stats cache key and `fid.csv`.
-use flowmap_experiments::fid::{append_fid_csv, frechet_distance, kernel_inception_distance, mmd2_unbiased, read_fid_csv, stats_cache_key, FeatureStats, FidRow, GaussianStats, KidSettings, Preprocess, Reference};
+use flowmap_experiments::eval::fid::{append_fid_csv, frechet_distance, kernel_inception_distance, mmd2_unbiased, read_fid_csv, stats_cache_key, FeatureStats, FidRow, GaussianStats, KidSettings, Preprocess, Reference};
 mod fid_support;
 use fid_support::reference_helper;
 use rand::{Rng, SeedableRng};
@@ -235,7 +235,7 @@ fn fid_csv_round_trip() {
 #[test]
 #[ignore]
 fn kid_cost_at_protocol_size() {
-    use flowmap_experiments::fid::KidReference;
+    use flowmap_experiments::eval::fid::KidReference;
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let reference = normal(&mut rng, 10_000, 2048).abs();
     let samples = normal(&mut rng, 1000, 2048).abs();

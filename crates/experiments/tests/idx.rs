@@ -1,5 +1,5 @@
 //! MNIST / Fashion-MNIST IDX readers on the real files from the data cache (`make setup`).
-use flowmap_experiments::cache;
+use flowmap_experiments::data::cache;
 use flowmap_experiments::data::idx::{read_images, read_labels, read_pair, split_files, Split};
 use std::io::Write;
 use tch::Kind;

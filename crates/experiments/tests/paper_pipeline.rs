@@ -151,7 +151,7 @@ fn a_second_encoder_on_the_same_latents_folder_is_refused_and_a_finished_one_lea
     paper_support::class_folder(&root, 2, 2, 40);
     let out = dir.path().join("latents");
     // Another encoder holds the folder.
-    let held = flowmap_experiments::file_lock::FileLock::try_acquire(&out.join("LOCK"), "test").unwrap();
+    let held = flowmap_experiments::run::file_lock::FileLock::try_acquire(&out.join("LOCK"), "test").unwrap();
     let err = format!("{:#}", encode_folder(&opts(&root, &out, None), vae_id(), vec![4, 4, 4], &mut fake_encode).unwrap_err());
     assert!(err.contains("is in use by pid") && err.contains(&std::process::id().to_string()), "{err}");
     assert!(!out.join("manifest.json").exists());
@@ -255,7 +255,7 @@ fn dry_run_of_every_paper_config_against_fake_data() {
         // One forward pass (B/2 Shortcut on ImageNet); the others only build the model.
         let forward = !forwarded && path.ends_with("shortcut_imagenet256/shortcut.toml");
         forwarded |= forward;
-        let r = flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward }).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        let r = flowmap_experiments::cli::dry_run::dry_run(&cfg, flowmap_experiments::cli::dry_run::DryRunOptions { forward }).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
         assert_eq!(r.data_len, if imagenet { 4 } else { 3 }, "{}", path.display());
         assert!(r.lines.iter().any(|l| l.starts_with("vae:")), "{}", path.display());
         eprintln!("{}: {} parameters; {} warnings", path.strip_prefix(paper_dir()).unwrap().display(), r.parameters, r.warnings.len());
@@ -263,7 +263,7 @@ fn dry_run_of_every_paper_config_against_fake_data() {
     assert!(forwarded);
     // The real class count is checked against the data.
     let (cfg, _) = flowmap_experiments::config::load_config(&paper_dir().join("shortcut_imagenet256/flow_matching.toml"), &TINY_VAE_SETS.map(String::from)).unwrap();
-    let err = format!("{:#}", flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward: false }).unwrap_err());
+    let err = format!("{:#}", flowmap_experiments::cli::dry_run::dry_run(&cfg, flowmap_experiments::cli::dry_run::DryRunOptions { forward: false }).unwrap_err());
     assert!(err.contains("num_classes = 1000") && err.contains("2 classes"), "{err}");
     // A VAE other than the one the latents were made with is refused.
     let other = dir.path().join("other_vae.safetensors");
@@ -271,11 +271,11 @@ fn dry_run_of_every_paper_config_against_fake_data() {
     let mut sets: Vec<String> = TINY_VAE_SETS.map(String::from).to_vec();
     sets.push(format!("vae.weights={:?}", other.display().to_string()));
     let (cfg, _) = flowmap_experiments::config::load_config(&paper_dir().join("shortcut_celebahq256/shortcut.toml"), &sets).unwrap();
-    let err = format!("{:#}", flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward: false }).unwrap_err());
+    let err = format!("{:#}", flowmap_experiments::cli::dry_run::dry_run(&cfg, flowmap_experiments::cli::dry_run::DryRunOptions { forward: false }).unwrap_err());
     assert!(err.contains("not the weights the latents were encoded with"), "{err}");
     // The table specs parse and name existing configs.
     for spec in ["table_shortcut_imagenet256.toml", "table_shortcut_celebahq256.toml", "table_meanflow_imagenet256.toml"] {
-        let s = flowmap_experiments::table::read_spec(&paper_dir().join(spec)).unwrap();
+        let s = flowmap_experiments::report::table::read_spec(&paper_dir().join(spec)).unwrap();
         for row in &s.rows {
             assert!(paper_dir().join(&row.config).is_file(), "{spec}: {}", row.config.display());
         }
@@ -384,7 +384,7 @@ num_images = 8
     assert!(dry.contains("dry run passed") && dry.contains("forward:"), "{dry}");
     flowmap(&["train", config.to_str().unwrap()]);
     let run = dir.path().join("runs/pipeline");
-    let losses: Vec<f64> = flowmap_experiments::metrics::read(&run.join("metrics.jsonl")).unwrap().iter().map(|r| r["loss"].as_f64().unwrap()).collect();
+    let losses: Vec<f64> = flowmap_experiments::train::metrics::read(&run.join("metrics.jsonl")).unwrap().iter().map(|r| r["loss"].as_f64().unwrap()).collect();
     assert_eq!(losses.len(), 4);
     assert!(losses.iter().all(|l| l.is_finite()));
     for s in [1, 2] {
@@ -393,7 +393,7 @@ num_images = 8
         assert!(img.width() >= 128 && img.height() >= 128 && img.color().channel_count() == 3, "decoded RGB grid of 64² images {}: {}x{}", grid.display(), img.width(), img.height());
     }
     let fid = flowmap(&["fid", "--run", run.to_str().unwrap(), "--steps", "1,2"]);
-    let rows = flowmap_experiments::fid::read_fid_csv(&run.join("fid.csv")).unwrap();
+    let rows = flowmap_experiments::eval::fid::read_fid_csv(&run.join("fid.csv")).unwrap();
     assert_eq!(rows.len(), 2);
     for r in &rows {
         assert!(r.fid.is_finite() && r.fid >= 0.0, "{fid}");

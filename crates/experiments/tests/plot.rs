@@ -1,6 +1,6 @@
 //! Plots render to real PNG and SVG files from fid.csv and metrics.jsonl.
-use flowmap_experiments::fid::{append_fid_csv, FidRow};
-use flowmap_experiments::plot::{fid_vs_nfe_from_runs, fid_vs_nfe_series, fid_vs_step, loss_curves, read_metric, PlotFiles};
+use flowmap_experiments::eval::fid::{append_fid_csv, FidRow};
+use flowmap_experiments::report::plot::{fid_vs_nfe_from_runs, fid_vs_nfe_series, fid_vs_step, loss_curves, read_metric, PlotFiles};
 use std::path::Path;
 
 const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];

@@ -1,8 +1,8 @@
 //! Two-stage reflow end to end on the tiny config: train a flow-matching teacher, store its
 //! (noise, sample) couplings with `flowmap reflow-pairs`, train `reflow` on them.
 use flowmap_experiments::config::load_config;
-use flowmap_experiments::model::load_run_weights;
-use flowmap_experiments::sampling::Weights;
+use flowmap_experiments::eval::sampling::Weights;
+use flowmap_experiments::run::model::load_run_weights;
 mod cli_support;
 use cli_support::{flowmap, flowmap_ok as ok};
 use std::path::Path;
@@ -32,7 +32,7 @@ fn pairs_are_the_teachers_samples_and_reflow_trains_on_them() {
     assert!(String::from_utf8_lossy(&no_pairs.stderr).contains("data.reflow_pairs"));
     let set = format!("data.reflow_pairs=\"{}\"", pairs.display());
     ok(&["train", tiny.to_str().unwrap(), "--run-dir", student.to_str().unwrap(), "--set", "objective.kind=reflow", "--set", &set, "--set", "run.steps=4", "--set", "run.log_every=1"]);
-    let losses: Vec<f64> = flowmap_experiments::metrics::read(&student.join("metrics.jsonl")).unwrap().iter().map(|r| r["loss"].as_f64().unwrap()).collect();
+    let losses: Vec<f64> = flowmap_experiments::train::metrics::read(&student.join("metrics.jsonl")).unwrap().iter().map(|r| r["loss"].as_f64().unwrap()).collect();
     assert_eq!(losses.len(), 4);
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
 }

@@ -1,7 +1,7 @@
 //! Exact resume across processes, SIGTERM, non-finite losses: the reliability promises of the
 //! training loop, on the tiny CPU config (experiments/tiny_cpu.toml).
-use flowmap_experiments::checkpoint::{Checkpoint, CheckpointDir};
 use flowmap_experiments::config::load_config;
+use flowmap_experiments::run::checkpoint::{Checkpoint, CheckpointDir};
 use flowmap_experiments::train::{train, Outcome, Resume, TrainOptions};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ fn latest(run: &Path) -> Checkpoint {
 }
 
 fn losses(run: &Path) -> Vec<(u64, f64)> {
-    flowmap_experiments::metrics::read(&run.join("metrics.jsonl")).unwrap().iter().map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap())).collect()
+    flowmap_experiments::train::metrics::read(&run.join("metrics.jsonl")).unwrap().iter().map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap())).collect()
 }
 
 fn assert_same(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>, what: &str) {
@@ -83,7 +83,7 @@ fn rewrite_manifest(dir: &Path) {
         .lines()
         .map(|l| {
             let (_, f) = l.split_once("  ").unwrap();
-            format!("{}  {f}\n", flowmap_experiments::cache::sha256_file(&dir.join(f)).unwrap())
+            format!("{}  {f}\n", flowmap_experiments::data::cache::sha256_file(&dir.join(f)).unwrap())
         })
         .collect();
     std::fs::write(dir.join("MANIFEST"), fixed).unwrap();

@@ -2,8 +2,8 @@
 //! tiny CPU config: what `--resume auto` does with broken checkpoints, the run lock, the FID cache
 //! shared by two processes, skipped non-finite steps, config changes on resume, the reported
 //! MeanFlow loss and SIGTERM during `flowmap table`.
-use flowmap_experiments::checkpoint::{verify, CheckpointDir};
 use flowmap_experiments::config::load_config;
+use flowmap_experiments::run::checkpoint::{verify, CheckpointDir};
 use flowmap_experiments::train::{train, Outcome, TrainOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -130,7 +130,7 @@ fn two_fid_processes_on_a_cold_cache_share_one_computation_and_both_succeed() {
     let npz: Vec<&PathBuf> = stats.iter().filter(|p| p.extension().is_some_and(|e| e == "npz")).collect();
     assert_eq!(npz.len(), 1, "{stats:?}");
     assert!(!stats.iter().any(|p| p.to_string_lossy().contains("partial")), "a temporary file was left: {stats:?}");
-    flowmap_experiments::fid::Reference::from_npz(npz[0]).unwrap();
+    flowmap_experiments::eval::fid::Reference::from_npz(npz[0]).unwrap();
     // fid.csv: one header, one row from each process.
     let csv = read(&runp.join("fid.csv"));
     assert_eq!(csv.lines().count(), 3, "{csv}");
@@ -203,7 +203,7 @@ fn mean_flow_reports_its_unweighted_loss_not_the_adaptively_weighted_one() {
     let sets: Vec<String> = ["run.steps=3", "run.log_every=1", "run.checkpoint_every=0", "run.sample_every=0", "objective.kind=mean_flow", "sampling.rule=jump"].map(String::from).to_vec();
     let (cfg, table) = load_config(&tiny(), &sets).unwrap();
     let s = train(&cfg, &table, &TrainOptions { run_dir: Some(dir.path().join("run")), ..Default::default() }).unwrap();
-    let rows = flowmap_experiments::metrics::read(&dir.path().join("run/metrics.jsonl")).unwrap();
+    let rows = flowmap_experiments::train::metrics::read(&dir.path().join("run/metrics.jsonl")).unwrap();
     assert_eq!(rows.len(), 3);
     for r in &rows {
         let (shown, raw, optimized) = (r["loss"].as_f64().unwrap(), r["mf_loss_unweighted"].as_f64().unwrap(), r["loss_optimized"].as_f64().unwrap());

@@ -83,7 +83,7 @@ fn fid_while_training_writes_one_row_per_evaluation_and_a_fid_vs_train_step_plot
         args.extend(["--set", s]);
     }
     flowmap(&args);
-    let rows = flowmap_experiments::fid::read_fid_csv(&run.join("fid.csv")).unwrap();
+    let rows = flowmap_experiments::eval::fid::read_fid_csv(&run.join("fid.csv")).unwrap();
     let cells: Vec<(u64, usize)> = rows.iter().map(|r| (r.train_step, r.nfe)).collect();
     assert_eq!(cells, vec![(3, 1), (3, 2), (6, 1), (6, 2)]);
     assert!(rows.iter().all(|r| r.fid.is_finite() && r.num_samples == 4));

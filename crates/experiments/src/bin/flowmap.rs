@@ -2,7 +2,10 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use flowmap_experiments::cli::{Cli, Command, DeviceArg, ResumeArg};
-use flowmap_experiments::{eval, run_dir, sample, table, train};
+use flowmap_experiments::eval::{evaluator as eval, sample_export as sample};
+use flowmap_experiments::report::table;
+use flowmap_experiments::run::run_dir;
+use flowmap_experiments::train;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -20,7 +23,7 @@ fn main() -> Result<()> {
         Command::Train { config, set, resume, run_dir, max_steps, dry_run, no_forward, allow_config_change } => {
             let (cfg, table) = flowmap_experiments::config::load_config(&config, &set)?;
             if dry_run {
-                let report = flowmap_experiments::dry_run::dry_run(&cfg, flowmap_experiments::dry_run::DryRunOptions { forward: !no_forward })?;
+                let report = flowmap_experiments::cli::dry_run::dry_run(&cfg, flowmap_experiments::cli::dry_run::DryRunOptions { forward: !no_forward })?;
                 print!("{}", report.render());
                 println!("{}: dry run passed", config.display());
                 return Ok(());
@@ -52,7 +55,7 @@ fn main() -> Result<()> {
                 ev.num_samples = n;
             }
             if tf {
-                ev.preprocess = flowmap_experiments::fid::Preprocess::Tf;
+                ev.preprocess = flowmap_experiments::eval::fid::Preprocess::Tf;
             }
             if ref_npz.is_some() {
                 ev.reference.npz = ref_npz;
@@ -70,8 +73,8 @@ fn main() -> Result<()> {
         Command::ReflowPairs { teacher, count, steps, weights, batch, out } => {
             let cfg = read_run_config(&teacher)?;
             let out = out.unwrap_or_else(|| teacher.join("reflow_pairs.safetensors"));
-            let req = flowmap_experiments::reflow_pairs::PairsRequest { count, steps, batch, weights: weights.into() };
-            flowmap_experiments::reflow_pairs::make_pairs(&teacher, &cfg, &req, &out, cfg.run.device.device()?)?;
+            let req = flowmap_experiments::cli::reflow_pairs::PairsRequest { count, steps, batch, weights: weights.into() };
+            flowmap_experiments::cli::reflow_pairs::make_pairs(&teacher, &cfg, &req, &out, cfg.run.device.device()?)?;
             println!("{}", out.display());
         }
         Command::Plot { runs, out } => {
@@ -88,7 +91,7 @@ fn main() -> Result<()> {
         Command::Latents { source, layout, out, vae, vae_arch, image_size, dtype, no_flip, shard_size, batch, workers, device, max_shards } => {
             use flowmap_experiments::data::latents;
             let arch: flowmap_models::vae::VaeConfig = match &vae_arch {
-                Some(p) => flowmap_experiments::overrides::load(p, &[])?.0,
+                Some(p) => flowmap_experiments::config::overrides::load(p, &[])?.0,
                 None => Default::default(),
             };
             let opts = latents::EncodeOptions {
@@ -106,9 +109,9 @@ fn main() -> Result<()> {
             // Before the VAE is loaded: bad arguments fail without any work.
             arch.validate()?;
             opts.validate(arch.downsample_factor())?;
-            let section = flowmap_experiments::vae_section::VaeSection { weights: vae.map(|p| p.display().to_string()), arch };
+            let section = flowmap_experiments::data::vae::VaeSection { weights: vae.map(|p| p.display().to_string()), arch };
             let device = match device {
-                DeviceArg::Auto => flowmap_experiments::device::resolve(flowmap_experiments::device::DeviceChoice::Auto)?,
+                DeviceArg::Auto => flowmap_experiments::run::device::resolve(flowmap_experiments::run::device::DeviceChoice::Auto)?,
                 DeviceArg::Cpu => tch::Device::Cpu,
                 DeviceArg::Cuda => tch::Device::Cuda(0),
             };
@@ -130,12 +133,12 @@ fn main() -> Result<()> {
                 if r.complete { "" } else { "; NOT complete: run the same command again to continue" }
             );
         }
-        Command::Doctor => print!("{}", flowmap_experiments::doctor::report()?),
+        Command::Doctor => print!("{}", flowmap_experiments::cli::doctor::report()?),
     }
     Ok(())
 }
 
 fn read_run_config(run: &std::path::Path) -> Result<flowmap_experiments::config::ExperimentConfig> {
     let table = run_dir::read_config(run)?;
-    flowmap_experiments::overrides::deserialize(&table, &run.join("config.toml").display().to_string())
+    flowmap_experiments::config::overrides::deserialize(&table, &run.join("config.toml").display().to_string())
 }

@@ -14,7 +14,7 @@
 //! (Python's round-half-even for the long side), then center crop. The resampling is a port of
 //! PIL's separable `ImagingResample` (same filters, supports and coefficient normalisation) in
 //! float with rounding to u8 after each pass (PIL uses 22-bit fixed point: ±1 on rare pixels).
-use crate::rng::{self, Stream};
+use crate::run::rng::{self, Stream};
 use anyhow::{bail, ensure, Context, Result};
 use rand::Rng;
 use rand::SeedableRng;

@@ -17,9 +17,9 @@
 //! Shards cover fixed ranges of source indices (`shard_size` files each), so an interrupted and
 //! resumed encode writes byte-identical shards and manifest to a straight one.
 use super::image_folder::{hwc_to_chw, ImageFolder, Layout, SkipLog};
-use crate::atomic_file::write_atomic;
-use crate::cache::sha256_file;
-use crate::rng::{self, Stream};
+use crate::data::cache::sha256_file;
+use crate::run::atomic_file::write_atomic;
+use crate::run::rng::{self, Stream};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -196,7 +196,7 @@ pub fn encode_folder(opts: &EncodeOptions, vae: VaeIdentity, latent_shape: Vec<i
     let folder = ImageFolder::scan(&opts.source, opts.layout)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
     // One encoder per output folder: a second `flowmap latents` on it is refused, naming the first.
-    let _lock = crate::file_lock::FileLock::try_acquire(&opts.out.join("LOCK"), &format!("latents folder {}", opts.out.display()))?;
+    let _lock = crate::run::file_lock::FileLock::try_acquire(&opts.out.join("LOCK"), &format!("latents folder {}", opts.out.display()))?;
     let mut manifest = Manifest {
         format: FORMAT.into(),
         complete: false,
@@ -300,7 +300,7 @@ pub fn encode_folder(opts: &EncodeOptions, vae: VaeIdentity, latent_shape: Vec<i
         for (name, t) in &tensors[..2] {
             ensure!(t.size()[1..] == manifest.latent_shape[..], "the encoder returned {name} of shape {:?}, expected (N, {:?})", t.size(), manifest.latent_shape);
         }
-        crate::atomic_file::write_atomic_to(&path, |tmp| Ok(Tensor::write_safetensors(&tensors, tmp)?))?;
+        crate::run::atomic_file::write_atomic_to(&path, |tmp| Ok(Tensor::write_safetensors(&tensors, tmp)?))?;
         done.push(ShardEntry { file, first_index: first, sources: count, rows, sha256: sha256_file(&path)? });
         encoded_shards += 1;
         done.sort_by_key(|s| s.first_index);

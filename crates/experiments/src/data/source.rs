@@ -23,7 +23,7 @@
 use super::idx::{read_pair, split_files, LabelledImages, Split};
 use super::image_folder::{FolderReader, ImageFolder, Layout};
 use super::latents::LatentReader;
-use crate::cache;
+use crate::data::cache;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

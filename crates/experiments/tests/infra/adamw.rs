@@ -1,4 +1,4 @@
-use flowmap_experiments::adamw::{AdamW, AdamWConfig, AdamWKernel};
+use flowmap_experiments::train::adamw::{AdamW, AdamWConfig, AdamWKernel};
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 

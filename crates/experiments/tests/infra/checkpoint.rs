@@ -1,4 +1,4 @@
-use flowmap_experiments::checkpoint::{verify, CheckpointContents, CheckpointDir, Fault};
+use flowmap_experiments::run::checkpoint::{verify, CheckpointContents, CheckpointDir, Fault};
 use tch::{Kind, Tensor};
 
 fn contents(step: u64) -> CheckpointContents<'static> {
@@ -68,7 +68,7 @@ fn no_checkpoint_gives_none() {
     assert!(CheckpointDir::new(dir.path().join("absent"), 1).latest().unwrap().is_none());
 }
 
-fn w_of(ck: &flowmap_experiments::checkpoint::Checkpoint) -> f64 {
+fn w_of(ck: &flowmap_experiments::run::checkpoint::Checkpoint) -> f64 {
     ck.tensors("model").unwrap()["w"].sum(Kind::Double).double_value(&[])
 }
 

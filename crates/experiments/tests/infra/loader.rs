@@ -1,4 +1,4 @@
-use flowmap_experiments::loader::{DataPosition, Order};
+use flowmap_experiments::data::loader::{DataPosition, Order};
 
 #[test]
 fn resumed_order_is_identical_across_an_epoch_boundary() {

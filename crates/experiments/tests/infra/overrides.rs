@@ -1,4 +1,4 @@
-use flowmap_experiments::overrides::{apply_override, deserialize, load};
+use flowmap_experiments::config::overrides::{apply_override, deserialize, load};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize, PartialEq)]

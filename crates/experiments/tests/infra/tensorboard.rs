@@ -1,5 +1,5 @@
-use flowmap_experiments::image_grid::grid_png;
-use flowmap_experiments::tensorboard::{read_records, EventWriter};
+use flowmap_experiments::eval::image_grid::grid_png;
+use flowmap_experiments::train::tensorboard::{read_records, EventWriter};
 use tch::{Kind, Tensor};
 
 #[test]
@@ -26,6 +26,6 @@ fn event_file_records_have_valid_crcs_and_carry_tag_and_value() {
 #[test]
 fn grid_quantisation_follows_dit() {
     let x = Tensor::from_slice(&[-1.0f32, 0.0, 1.0, 2.0]).reshape([1, 1, 2, 2]);
-    let q = Vec::<u8>::try_from(flowmap_experiments::image_grid::to_uint8(&x).flatten(0, -1)).unwrap();
+    let q = Vec::<u8>::try_from(flowmap_experiments::eval::image_grid::to_uint8(&x).flatten(0, -1)).unwrap();
     assert_eq!(q, vec![0, 128, 255, 255]);
 }

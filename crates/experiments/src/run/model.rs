@@ -94,8 +94,8 @@ pub fn load_vars(vs: &nn::VarStore, tensors: &std::collections::BTreeMap<String,
 }
 
 /// Loads a trained run's weights into a freshly built network of `model` (errors if they differ).
-pub fn load_run_weights(run: &std::path::Path, model: &ModelConfig, weights: crate::sampling::Weights, device: Device) -> Result<Net> {
-    let ck = crate::checkpoint::CheckpointDir::new(crate::run_dir::RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint", run.display()))?;
+pub fn load_run_weights(run: &std::path::Path, model: &ModelConfig, weights: crate::eval::sampling::Weights, device: Device) -> Result<Net> {
+    let ck = crate::run::checkpoint::CheckpointDir::new(crate::run::run_dir::RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint", run.display()))?;
     let mut net = model.build(device)?;
     let stem = weights.name();
     net.load_named(&ck.tensors(if stem == "online" { "model" } else { "ema" })?, &format!("{} ({stem} weights)", ck.dir.display()))?;

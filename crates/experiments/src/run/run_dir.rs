@@ -1,6 +1,6 @@
 //! A run directory: `runs/<name>/` with the resolved config, command line, git state, versions,
 //! logs, metrics, TensorBoard events, sample grids and checkpoints (ecosystem.md §3.1).
-use crate::file_lock::FileLock;
+use crate::run::file_lock::FileLock;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -48,7 +48,7 @@ impl RunDir {
     /// Writes the resolved config as config.toml.
     pub fn write_config(&self, resolved: &toml::Table) -> Result<()> {
         let text = format!("# resolved config written by flowmap train\n{}", toml::to_string(resolved)?);
-        crate::atomic_file::write_atomic(&self.config(), text.as_bytes())
+        crate::run::atomic_file::write_atomic(&self.config(), text.as_bytes())
     }
 
     /// Creates the directory and writes config.toml, cmd.txt, git.txt and env.txt.
@@ -56,9 +56,9 @@ impl RunDir {
         std::fs::create_dir_all(&self.root).with_context(|| format!("creating run directory {}", self.root.display()))?;
         self.write_config(resolved)?;
         let cmd: Vec<String> = std::env::args().collect();
-        crate::atomic_file::write_atomic(&self.root.join("cmd.txt"), format!("{}\n", cmd.join(" ")).as_bytes())?;
-        crate::atomic_file::write_atomic(&self.root.join("git.txt"), git_state().as_bytes())?;
-        crate::atomic_file::write_atomic(&self.root.join("env.txt"), env_facts().as_bytes())?;
+        crate::run::atomic_file::write_atomic(&self.root.join("cmd.txt"), format!("{}\n", cmd.join(" ")).as_bytes())?;
+        crate::run::atomic_file::write_atomic(&self.root.join("git.txt"), git_state().as_bytes())?;
+        crate::run::atomic_file::write_atomic(&self.root.join("env.txt"), env_facts().as_bytes())?;
         Ok(())
     }
 }
@@ -82,5 +82,5 @@ fn env_facts() -> String {
 
 /// Reads a run's resolved config table back (for `sample`, `fid`, `plot`, `--resume`).
 pub fn read_config(run: &Path) -> Result<toml::Table> {
-    crate::overrides::read_table(&run.join("config.toml"))
+    crate::config::overrides::read_table(&run.join("config.toml"))
 }

@@ -44,5 +44,5 @@ pub fn save_grid(x: &Tensor, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    crate::atomic_file::write_atomic(path, &png)
+    crate::run::atomic_file::write_atomic(path, &png)
 }

@@ -4,13 +4,13 @@ use crate::data::idx::Split;
 use crate::data::image_folder::{load_batch, ImageFolder, Layout, SkipLog};
 use crate::data::source::DataConfig;
 use crate::data::source::{DataSet, SplitName};
-use crate::fid::{self, EvalSettings, FidRow, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec};
-use crate::model::{load_run_weights, ModelConfig};
-use crate::rng::{self, Stream};
-use crate::run_dir::RunDir;
-use crate::sampling::SamplingConfig;
-use crate::sampling::Weights;
-use crate::vae_section::VaeSection;
+use crate::data::vae::VaeSection;
+use crate::eval::fid::{self, EvalSettings, FidRow, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec};
+use crate::eval::sampling::SamplingConfig;
+use crate::eval::sampling::Weights;
+use crate::run::model::{load_run_weights, ModelConfig};
+use crate::run::rng::{self, Stream};
+use crate::run::run_dir::RunDir;
 use anyhow::{ensure, Context, Result};
 use flowmap_core::VelocityField;
 use serde::{Deserialize, Serialize};
@@ -205,7 +205,7 @@ impl Evaluator {
         let inception = Inception::load(device, eval.preprocess)?.with_batch_size(eval.batch);
         let reference = reference(run.data, eval, &inception)?;
         // Latent-space runs: decode with the VAE before the Inception network.
-        let vae = crate::vae_section::for_run(run.vae, run.data).map(|v| v.load(device)).transpose()?;
+        let vae = crate::data::vae::for_run(run.vae, run.data).map(|v| v.load(device)).transpose()?;
         let settings = EvalSettings { num_samples: eval.num_samples, generate_batch: eval.batch, kid: eval.kid.then(KidSettings::default) };
         Ok(Self { inception, reference, vae, settings })
     }
@@ -227,11 +227,11 @@ impl Evaluator {
                 (chunk, last_steps) = (0, Some(s));
             }
             rng::reseed(run_cfg.seed, chunk, Stream::Eval);
-            let noise = crate::sampling::noise(n as i64, &shape, device);
+            let noise = crate::eval::sampling::noise(n as i64, &shape, device);
             let start = chunk as i64 * n as i64;
-            let class = crate::sampling::cycled_classes(n as i64, start, num_classes, null, device);
+            let class = crate::eval::sampling::cycled_classes(n as i64, start, num_classes, null, device);
             chunk += 1;
-            Ok(crate::vae_section::to_pixels(self.vae.as_ref(), run_cfg.sampling.generate(net, noise, &class, s).to_kind(Kind::Float)))
+            Ok(crate::data::vae::to_pixels(self.vae.as_ref(), run_cfg.sampling.generate(net, noise, &class, s).to_kind(Kind::Float)))
         };
         fid::evaluate_steps(&self.inception, &self.reference, steps, &setting, &self.settings, Some(&RunDir::new(run).fid_csv()), generate)
     }
@@ -242,7 +242,7 @@ impl Evaluator {
 pub fn evaluate_run(run: &Path, run_cfg: &EvalInputs, eval: &EvalConfig, weights: Weights, steps: &[usize], device: Device) -> Result<Vec<FidRow>> {
     check_steps(steps, "--steps")?;
     eval.validate()?;
-    let ck = crate::checkpoint::CheckpointDir::new(RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint to evaluate", run.display()))?;
+    let ck = crate::run::checkpoint::CheckpointDir::new(RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint to evaluate", run.display()))?;
     let net = load_run_weights(run, run_cfg.model, weights, device)?;
     Evaluator::new(run_cfg, eval, device)?.evaluate(run_cfg, net.net.as_ref(), weights, ck.step, steps, run, device)
 }

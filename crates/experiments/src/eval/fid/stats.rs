@@ -143,10 +143,10 @@ pub(crate) fn read_array<R: std::io::Read + std::io::Seek>(npz: &mut npyz::npz::
 }
 
 /// Writes named tensors as float64 (Double) or float32 (anything else, cast) arrays into a new
-/// `.npz` atomically ([`crate::atomic_file`]: a unique temporary file, renamed), so neither a
+/// `.npz` atomically ([`crate::run::atomic_file`]: a unique temporary file, renamed), so neither a
 /// reader nor a concurrent writer ever sees half a file.
 pub(crate) fn write_npz(path: &Path, arrays: &[(&str, &Tensor)]) -> Result<()> {
-    crate::atomic_file::write_atomic_with(path, |file| {
+    crate::run::atomic_file::write_atomic_with(path, |file| {
         let mut npz = npyz::npz::NpzWriter::new(std::io::BufWriter::new(file));
         for (name, t) in arrays {
             let shape: Vec<u64> = t.size().iter().map(|&d| d as u64).collect();

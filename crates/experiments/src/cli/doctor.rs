@@ -1,6 +1,6 @@
 //! `flowmap doctor`: what this machine and build can do, and which data are in place.
-use crate::cache::{self, FileState};
-use crate::device;
+use crate::data::cache::{self, FileState};
+use crate::run::device;
 use anyhow::Result;
 use std::fmt::Write;
 
@@ -16,7 +16,7 @@ pub fn report() -> Result<String> {
             writeln!(s, "  device {i}    {}", cuda_device_name(i))?;
         }
     }
-    // The same facts `device = "auto"` goes by (crate::device), so its warning can be checked here.
+    // The same facts `device = "auto"` goes by (crate::run::device), so its warning can be checked here.
     let facts = device::CudaFacts::probe();
     writeln!(s, "  libtorch    {}", facts.torch_text())?;
     writeln!(s, "  driver      {}", facts.driver_text())?;

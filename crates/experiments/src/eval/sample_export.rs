@@ -2,10 +2,10 @@
 //! safetensors file per step count (`images`, (N, C, H, W) float in [−1, 1], and `class`).
 //! Runs on VAE latents are decoded to pixels first.
 use crate::config::ExperimentConfig;
-use crate::model::load_run_weights;
-use crate::rng::{self, Stream};
-use crate::run_dir::RunDir;
-use crate::sampling::Weights;
+use crate::eval::sampling::Weights;
+use crate::run::model::load_run_weights;
+use crate::run::rng::{self, Stream};
+use crate::run::run_dir::RunDir;
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -52,19 +52,19 @@ pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, devic
     }
     let num_classes = cfg.data.num_classes();
     // Latent runs are decoded with the run's VAE before they are saved.
-    let vae = crate::vae_section::for_run(&cfg.vae, &cfg.data).map(|v| v.load(device)).transpose()?;
+    let vae = crate::data::vae::for_run(&cfg.vae, &cfg.data).map(|v| v.load(device)).transpose()?;
     let shape = cfg.model.sample_shape();
     for &steps in &req.steps {
         rng::reseed(req.seed, 0, Stream::Eval); // the same noise for every step count
-        let noise = crate::sampling::noise(req.num, &shape, device);
+        let noise = crate::eval::sampling::noise(req.num, &shape, device);
         let class = match (req.class, num_classes) {
             (Some(c), _) => Tensor::full([req.num], c, (Kind::Int64, device)),
-            (None, k) => crate::sampling::cycled_classes(req.num, 0, k, net.net.null_class(), device),
+            (None, k) => crate::eval::sampling::cycled_classes(req.num, 0, k, net.net.null_class(), device),
         };
-        let x = crate::vae_section::to_pixels(vae.as_ref(), sampling.generate(net.net.as_ref(), noise, &class, steps).to_kind(Kind::Float)).to_device(Device::Cpu);
-        crate::image_grid::save_grid(&x, &out.join(format!("steps{steps}.png")))?;
+        let x = crate::data::vae::to_pixels(vae.as_ref(), sampling.generate(net.net.as_ref(), noise, &class, steps).to_kind(Kind::Float)).to_device(Device::Cpu);
+        crate::eval::image_grid::save_grid(&x, &out.join(format!("steps{steps}.png")))?;
         let path = out.join(format!("steps{steps}.safetensors"));
-        crate::atomic_file::write_atomic_to(&path, |tmp| Ok(Tensor::write_safetensors(&[("images", &x), ("class", &class.to_device(Device::Cpu))], tmp)?))?;
+        crate::run::atomic_file::write_atomic_to(&path, |tmp| Ok(Tensor::write_safetensors(&[("images", &x), ("class", &class.to_device(Device::Cpu))], tmp)?))?;
         tracing::info!("{} samples with {steps} steps → {}", req.num, path.display());
     }
     Ok(out)

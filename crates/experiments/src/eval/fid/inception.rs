@@ -3,7 +3,7 @@
 //!
 //! The TorchScript file has no resize and no normalisation inside: it takes (N, 3, 299, 299) float
 //! already normalised and returns (N, 2048) (toolchain.md).
-use crate::cache;
+use crate::data::cache;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -117,7 +117,7 @@ impl SamplingConfig {
 /// Fixed noise and labels for the grids: drawn from their own stream, the same at every step and
 /// after a resume. Labels cycle through the classes (all null when unconditional).
 pub fn fixed_inputs(seed: u64, n: i64, shape: &[i64], num_classes: i64, null_class: i64, device: Device) -> (Tensor, Tensor) {
-    crate::rng::reseed(seed, 0, crate::rng::Stream::Grid);
+    crate::run::rng::reseed(seed, 0, crate::run::rng::Stream::Grid);
     (noise(n, shape, device), cycled_classes(n, 0, num_classes, null_class, device))
 }
 

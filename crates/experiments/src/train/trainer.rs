@@ -4,17 +4,17 @@
 //! per-epoch permutation, computes the objective's loss, checks it (and the gradient norm) for
 //! finiteness, steps AdamW and the EMA. Checkpoints hold model, EMA, AdamW moments, step, data
 //! position and counters, so `--resume auto` continues exactly (same parameters, same losses).
-use crate::adamw::AdamW;
-use crate::checkpoint::{CheckpointContents, CheckpointDir};
 use crate::config::{ExperimentConfig, NonFinite};
-use crate::loader::{DataPosition, Order};
-use crate::metrics::MetricsWriter;
-use crate::model::{load_run_weights, load_vars, named_vars, Net};
-use crate::progress::Progress;
-use crate::rng::{self, Stream};
-use crate::run_dir::RunDir;
-use crate::sampling::{fixed_inputs, SamplingConfig, Weights};
-use crate::tensorboard::EventWriter;
+use crate::data::loader::{DataPosition, Order};
+use crate::eval::sampling::{fixed_inputs, SamplingConfig, Weights};
+use crate::run::checkpoint::{CheckpointContents, CheckpointDir};
+use crate::run::model::{load_run_weights, load_vars, named_vars, Net};
+use crate::run::rng::{self, Stream};
+use crate::run::run_dir::RunDir;
+use crate::train::adamw::AdamW;
+use crate::train::metrics::MetricsWriter;
+use crate::train::progress::Progress;
+use crate::train::tensorboard::EventWriter;
 use anyhow::{bail, ensure, Context, Result};
 use flowmap_core::{Ema, VelocityField};
 use flowmap_objectives::{Batch, Nets};
@@ -127,7 +127,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
     };
     match &resume_from {
         None => run.create(table)?,
-        Some(ck) => crate::config_change::check_resume(&run, cfg, table, ck.step, opts.allow_config_change)?,
+        Some(ck) => crate::config::change::check_resume(&run, cfg, table, ck.step, opts.allow_config_change)?,
     }
     tracing::info!("run directory {}", run.root.display());
 
@@ -160,13 +160,13 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
     let mut metrics = MetricsWriter::open(&run.metrics(), resume_from.as_ref().map(|c| c.step))?;
     let mut tb = EventWriter::create(&run.tensorboard())?;
     // Latent-space runs decode their sample grids with the VAE.
-    let grid_vae = match crate::vae_section::for_run(&cfg.vae, &cfg.data) {
+    let grid_vae = match crate::data::vae::for_run(&cfg.vae, &cfg.data) {
         Some(v) => Some(v.load(device)?),
         None => None,
     };
     let (grid_noise, grid_class) = fixed_inputs(cfg.run.seed, cfg.sampling.grid_images, &cfg.model.sample_shape(), cfg.data.num_classes(), null_class, device);
     let mut progress = Progress::new(state.step, cfg.run.steps, &cfg.run.name);
-    let mut evaluator: Option<crate::eval::Evaluator> = None;
+    let mut evaluator: Option<crate::eval::evaluator::Evaluator> = None;
     let start_step = state.step;
     let mut last_log = (Instant::now(), state.step);
     let mut last_loss = None;
@@ -282,7 +282,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         if let Some(ev) = cfg.eval.as_ref().filter(|e| e.every > 0 && (step.is_multiple_of(e.every) || end)) {
             let evaluator = match &evaluator {
                 Some(e) => e,
-                None => evaluator.insert(crate::eval::Evaluator::new(&cfg.eval_inputs(), ev, device)?),
+                None => evaluator.insert(crate::eval::evaluator::Evaluator::new(&cfg.eval_inputs(), ev, device)?),
             };
             let net: &dyn VelocityField = match cfg.sampling.weights {
                 Weights::Ema => ema_net.as_ref(),
@@ -313,10 +313,10 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
 #[allow(clippy::too_many_arguments)]
 pub fn write_grids(cfg: &SamplingConfig, net: &dyn VelocityField, noise: &Tensor, class: &Tensor, run: &RunDir, step: u64, tb: &mut EventWriter, vae: Option<&flowmap_models::vae::Vae>) -> Result<()> {
     for &steps in &cfg.steps {
-        let x = crate::vae_section::to_pixels(vae, cfg.generate(net, noise.shallow_clone(), class, steps).to_kind(Kind::Float));
+        let x = crate::data::vae::to_pixels(vae, cfg.generate(net, noise.shallow_clone(), class, steps).to_kind(Kind::Float));
         let path = run.samples().join(format!("step_{step:07}_steps{steps}.png"));
-        crate::image_grid::save_grid(&x, &path)?;
-        let (png, h, w, c) = crate::image_grid::grid_png(&x)?;
+        crate::eval::image_grid::save_grid(&x, &path)?;
+        let (png, h, w, c) = crate::eval::image_grid::grid_png(&x)?;
         tb.image(&format!("samples/steps{steps}"), &png, h, w, c, step as i64)?;
     }
     Ok(())

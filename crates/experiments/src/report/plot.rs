@@ -4,7 +4,7 @@
 //!
 //! Text uses DejaVu Sans, embedded (assets/DejaVuSans.ttf, Bitstream Vera licence with public-domain
 //! DejaVu changes; see assets/DejaVuSans-LICENSE.txt), so no system font is needed.
-use crate::fid::{read_fid_csv, FidRow};
+use crate::eval::fid::{read_fid_csv, FidRow};
 use anyhow::{anyhow, ensure, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-static FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static FONT_BYTES: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 const FONT: &str = "sans-serif";
 const SIZE: (u32, u32) = (900, 600);
 /// Longest series drawn point by point; longer ones are averaged in bins (loss curves).

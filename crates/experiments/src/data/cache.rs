@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 /// The checksum list shipped with the sources (also used by `data/fetch.sh`).
-pub const SHA256SUMS: &str = include_str!("../../../data/SHA256SUMS");
+pub const SHA256SUMS: &str = include_str!("../../../../data/SHA256SUMS");
 
 /// The cache root.
 pub fn root() -> PathBuf {

@@ -1,10 +1,10 @@
 //! `flowmap table SPEC.toml`: one run per objective, trained (or reused), evaluated at the same
 //! step counts, summarised as a Markdown + CSV table and a FID-vs-steps plot. The machine behind
 //! the demo and, at paper scale, behind Table 1.
-use crate::eval::{self, EvalConfig};
-use crate::fid::{read_fid_csv, FidRow};
-use crate::run_dir::RunDir;
-use crate::sampling::Weights;
+use crate::eval::evaluator::{self, EvalConfig};
+use crate::eval::fid::{read_fid_csv, FidRow};
+use crate::eval::sampling::Weights;
+use crate::run::run_dir::RunDir;
 use crate::train::{self, Outcome, Resume, TrainOptions};
 use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
@@ -69,7 +69,7 @@ fn slug(label: &str) -> String {
 
 /// Reads and checks a spec (every row's config must load).
 pub fn read_spec(path: &Path) -> Result<TableSpec> {
-    let (spec, _): (TableSpec, _) = crate::overrides::load(path, &[])?;
+    let (spec, _): (TableSpec, _) = crate::config::overrides::load(path, &[])?;
     ensure!(!spec.rows.is_empty(), "{}: no [[rows]]", path.display());
     ensure!(!spec.table.steps.is_empty(), "{}: table.steps is empty", path.display());
     Ok(spec)
@@ -109,7 +109,7 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
         let mut rows: Vec<FidRow> = have.iter().filter(|r| spec.table.steps.iter().any(|&s| matches(r, s))).cloned().collect();
         if !missing.is_empty() {
             tracing::info!("== {}: FID at steps {missing:?} ({} samples each)", row.label, spec.eval.num_samples);
-            rows.extend(eval::evaluate_run(dir, &cfg.eval_inputs(), &spec.eval, spec.table.weights, &missing, cfg.run.device.device()?)?);
+            rows.extend(evaluator::evaluate_run(dir, &cfg.eval_inputs(), &spec.eval, spec.table.weights, &missing, cfg.run.device.device()?)?);
         }
         rows.sort_by_key(|r| r.nfe);
         rows.dedup_by_key(|r| r.nfe);
@@ -119,12 +119,12 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
     let out = &spec.table.out_dir;
     let markdown = render_markdown(&spec, &results, &timings);
     let markdown_path = out.join("table.md");
-    crate::atomic_file::write_atomic(&markdown_path, markdown.as_bytes())?;
+    crate::run::atomic_file::write_atomic(&markdown_path, markdown.as_bytes())?;
     let csv_path = out.join("table.csv");
-    crate::atomic_file::write_atomic(&csv_path, render_csv(&results).as_bytes())?;
-    let plot = crate::plot::fid_vs_nfe(&results, &out.join("fid_vs_steps"))?;
+    crate::run::atomic_file::write_atomic(&csv_path, render_csv(&results).as_bytes())?;
+    let plot = crate::report::plot::fid_vs_nfe(&results, &out.join("fid_vs_steps"))?;
     let loss_runs: Vec<(String, PathBuf)> = spec.rows.iter().zip(&configs).map(|(r, (_, _, dir))| (r.label.clone(), RunDir::new(dir).metrics())).collect();
-    crate::plot::loss_curves(&loss_runs, "loss", &out.join("loss"))?;
+    crate::report::plot::loss_curves(&loss_runs, "loss", &out.join("loss"))?;
     Ok(TableReport { markdown, markdown_path, csv_path, plot_png: plot.png, rows: results })
 }
 
@@ -177,7 +177,7 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let with_fid: Vec<PathBuf> = runs.iter().filter(|r| RunDir::new(r).fid_csv().exists()).cloned().collect();
     if !with_fid.is_empty() {
-        let p = crate::plot::fid_vs_nfe_from_runs(&with_fid, &out.join("fid_vs_steps"))?;
+        let p = crate::report::plot::fid_vs_nfe_from_runs(&with_fid, &out.join("fid_vs_steps"))?;
         files.extend([p.png, p.svg]);
     }
     // Runs evaluated while training (`eval.every`): FID against the training step, one line per step count.
@@ -187,14 +187,14 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
         train_steps.dedup();
         if train_steps.len() > 1 {
             let name = r.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-            let p = crate::plot::fid_vs_step(&rows, &out.join(format!("{name}_fid_vs_train_step")))?;
+            let p = crate::report::plot::fid_vs_step(&rows, &out.join(format!("{name}_fid_vs_train_step")))?;
             files.extend([p.png, p.svg]);
         }
     }
     let loss: Vec<(String, PathBuf)> = runs.iter().map(|r| (r.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), RunDir::new(r).metrics())).filter(|(_, m)| m.exists()).collect();
     ensure!(!loss.is_empty() || !with_fid.is_empty(), "none of {runs:?} has metrics.jsonl or fid.csv");
     if !loss.is_empty() {
-        let p = crate::plot::loss_curves(&loss, "loss", &out.join("loss"))?;
+        let p = crate::report::plot::loss_curves(&loss, "loss", &out.join("loss"))?;
         files.extend([p.png, p.svg]);
     }
     Ok(files)

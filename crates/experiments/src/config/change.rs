@@ -7,7 +7,7 @@
 //! kept as `config.step_XXXXXXXX.toml`, the new one becomes `config.toml`, and the change is
 //! appended to `config_changes.jsonl`.
 use crate::config::ExperimentConfig;
-use crate::run_dir::RunDir;
+use crate::run::run_dir::RunDir;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -64,7 +64,7 @@ pub fn differences(old: &ExperimentConfig, new: &ExperimentConfig) -> Result<Vec
 /// Checks a resume at `step` of `run` with `cfg` (resolved `table`); see the module docs.
 pub fn check_resume(run: &RunDir, cfg: &ExperimentConfig, table: &toml::Table, step: u64, allow: bool) -> Result<()> {
     let path = run.config();
-    let old: Result<ExperimentConfig> = crate::run_dir::read_config(&run.root).and_then(|t| crate::overrides::deserialize(&t, &path.display().to_string()));
+    let old: Result<ExperimentConfig> = crate::run::run_dir::read_config(&run.root).and_then(|t| crate::config::overrides::deserialize(&t, &path.display().to_string()));
     let changes = match &old {
         Ok(old) => differences(old, cfg)?,
         Err(_) => vec![],
@@ -100,7 +100,7 @@ pub fn check_resume(run: &RunDir, cfg: &ExperimentConfig, table: &toml::Table, s
     f.write_all(format!("{record}\n").as_bytes()).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", log.display()))?;
     if had_config {
         let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        crate::atomic_file::write_atomic(&before, &text)?;
+        crate::run::atomic_file::write_atomic(&before, &text)?;
     }
     run.write_config(table)?;
     Ok(())

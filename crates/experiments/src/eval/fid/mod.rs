@@ -180,7 +180,7 @@ fn csv_field(s: &str) -> String {
 /// file whose header differs. Concurrent writers (two `flowmap fid` on one run, an in-training
 /// evaluation) take turns on `<path>.lock`, so the header is written once and rows never interleave.
 pub fn append_fid_csv(path: &Path, rows: &[FidRow]) -> Result<()> {
-    let _lock = crate::file_lock::FileLock::acquire(&path.with_extension("csv.lock"), &format!("appending to {}", path.display()))?;
+    let _lock = crate::run::file_lock::FileLock::acquire(&path.with_extension("csv.lock"), &format!("appending to {}", path.display()))?;
     let header = FID_CSV_HEADER.join(",");
     let existing = std::fs::read_to_string(path).unwrap_or_default();
     if let Some(first) = existing.lines().next() {

@@ -12,8 +12,8 @@
 //! instant some complete checkpoint of that step exists: a complete `.tmp-*` or `.old-*` directory
 //! (MANIFEST present and verifying) is a valid resume point too.
 //!
-//! One writer per run: the caller holds the run directory's lock (see [`crate::file_lock`]).
-use crate::atomic_file::{fsync_dir, write_atomic};
+//! One writer per run: the caller holds the run directory's lock (see [`crate::run::file_lock`]).
+use crate::run::atomic_file::{fsync_dir, write_atomic};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fs;
@@ -128,11 +128,11 @@ impl CheckpointDir {
             let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
             Tensor::write_safetensors(&cpu, &path).with_context(|| format!("writing {}", path.display()))?;
             fs::File::open(&path).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", path.display()))?;
-            manifest.push_str(&format!("{}  {file}\n", crate::cache::sha256_file(&path)?));
+            manifest.push_str(&format!("{}  {file}\n", crate::data::cache::sha256_file(&path)?));
         }
         let state = serde_json::to_vec_pretty(&contents.state)?;
         write_synced(&tmp.join("trainer_state.json"), &state)?;
-        manifest.push_str(&format!("{}  trainer_state.json\n", crate::cache::sha256_file(&tmp.join("trainer_state.json"))?));
+        manifest.push_str(&format!("{}  trainer_state.json\n", crate::data::cache::sha256_file(&tmp.join("trainer_state.json"))?));
         write_synced(&tmp.join(MANIFEST), manifest.as_bytes())?;
         fsync_dir(&tmp)?;
         let rename = |from: &Path, to: &Path| fs::rename(from, to).with_context(|| format!("renaming {} to {}", from.display(), to.display())).and_then(|_| fsync_dir(&self.root));
@@ -245,7 +245,7 @@ pub fn verify(dir: &Path) -> Result<()> {
     let mut listed = 0;
     for line in manifest.lines().filter(|l| !l.trim().is_empty()) {
         let (want, file) = line.split_once("  ").ok_or_else(|| anyhow!("{}: malformed MANIFEST line {line:?}", dir.display()))?;
-        let got = crate::cache::sha256_file(&dir.join(file))?;
+        let got = crate::data::cache::sha256_file(&dir.join(file))?;
         if got != want {
             bail!("{}: {file} does not match its MANIFEST checksum", dir.display());
         }

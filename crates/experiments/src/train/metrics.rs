@@ -19,7 +19,7 @@ impl MetricsWriter {
             if !text.is_empty() {
                 text.push('\n');
             }
-            crate::atomic_file::write_atomic(path, text.as_bytes())?;
+            crate::run::atomic_file::write_atomic(path, text.as_bytes())?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
         Ok(Self { path: path.to_path_buf(), file })

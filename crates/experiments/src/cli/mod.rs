@@ -1,6 +1,10 @@
 //! The `flowmap` command line (clap definitions). The binary (src/bin/flowmap.rs) only dispatches;
 //! the definitions live here so tests can parse every command the documentation shows
 //! (`Cli::try_parse_from`, tests/docs_commands.rs).
+pub mod doctor;
+pub mod dry_run;
+pub mod reflow_pairs;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -23,7 +27,7 @@ pub enum WeightsArg {
     Online,
 }
 
-impl From<WeightsArg> for crate::sampling::Weights {
+impl From<WeightsArg> for crate::eval::sampling::Weights {
     fn from(w: WeightsArg) -> Self {
         match w {
             WeightsArg::Ema => Self::Ema,

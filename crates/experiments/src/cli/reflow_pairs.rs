@@ -3,9 +3,9 @@
 //! step count) and stores the couplings (noise, sample, class) as safetensors; a `reflow` run then
 //! trains on them through `data.reflow_pairs`.
 use crate::config::ExperimentConfig;
-use crate::model::load_run_weights;
-use crate::rng::{self, Stream};
-use crate::sampling::Weights;
+use crate::eval::sampling::Weights;
+use crate::run::model::load_run_weights;
+use crate::run::rng::{self, Stream};
 use anyhow::{ensure, Result};
 use flowmap_objectives::reflow::{generate_pairs, Pairs};
 use std::path::Path;
@@ -44,13 +44,13 @@ pub fn make_pairs(run: &Path, cfg: &ExperimentConfig, req: &PairsRequest, out: &
     let null = net.net.null_class();
     let mut next = 0i64;
     let classes = |n: i64| {
-        let c = crate::sampling::cycled_classes(n, next, num_classes, null, Device::Cpu);
+        let c = crate::eval::sampling::cycled_classes(n, next, num_classes, null, Device::Cpu);
         next += n;
         c
     };
     rng::reseed(cfg.run.seed, 0, Stream::Eval);
     let pairs = generate_pairs(count, batch, &cfg.model.sample_shape(), device, classes, |noise, class| cfg.sampling.generate(net.net.as_ref(), noise.shallow_clone(), class, steps), None)?;
-    crate::atomic_file::write_atomic_to(out, |tmp| flowmap_objectives::reflow::save_pairs(&pairs, tmp))?;
+    crate::run::atomic_file::write_atomic_to(out, |tmp| flowmap_objectives::reflow::save_pairs(&pairs, tmp))?;
     tracing::info!("{count} couplings ({steps} steps of {:?}) written to {}", cfg.sampling.rule, out.display());
     Ok(pairs)
 }

@@ -71,7 +71,7 @@ pub fn dry_run(cfg: &ExperimentConfig, opts: DryRunOptions) -> Result<DryRunRepo
     if data.skipped() > 0 {
         r.warnings.push(format!("{} unreadable image files in the first batch (skipped)", data.skipped()));
     }
-    if let Some(v) = crate::vae_section::for_run(&cfg.vae, &cfg.data) {
+    if let Some(v) = crate::data::vae::for_run(&cfg.vae, &cfg.data) {
         let (line, warn) = v.check(&cfg.data)?;
         r.lines.push(line);
         r.warnings.extend(warn);
@@ -86,7 +86,7 @@ pub fn dry_run(cfg: &ExperimentConfig, opts: DryRunOptions) -> Result<DryRunRepo
         r.lines.push(format!("forward: output {:?} in {:.2} s on the CPU", y.size(), t0.elapsed().as_secs_f64()));
     }
     if let Some(t) = &cfg.teacher {
-        match crate::checkpoint::CheckpointDir::new(crate::run_dir::RunDir::new(&t.run).checkpoints(), 1).latest() {
+        match crate::run::checkpoint::CheckpointDir::new(crate::run::run_dir::RunDir::new(&t.run).checkpoints(), 1).latest() {
             Ok(Some(ck)) => r.lines.push(format!("teacher: {} (step {})", t.run.display(), ck.step)),
             _ => r.warnings.push(format!("teacher run {} has no checkpoint yet: train it first", t.run.display())),
         }

@@ -73,7 +73,7 @@ impl Order {
 
 /// The permutation of epoch `epoch` for `seed`.
 pub fn permutation(len: usize, seed: u64, epoch: u64) -> Vec<i64> {
-    let mut rng = ChaCha8Rng::seed_from_u64(crate::rng::seed(seed, epoch, crate::rng::Stream::Data) as u64);
+    let mut rng = ChaCha8Rng::seed_from_u64(crate::run::rng::seed(seed, epoch, crate::run::rng::Stream::Data) as u64);
     let mut p: Vec<i64> = (0..len as i64).collect();
     p.shuffle(&mut rng);
     p

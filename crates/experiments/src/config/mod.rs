@@ -2,11 +2,14 @@
 //! `[optimizer]`, `[ema]`, `[sampling]` and optional `[teacher]`, `[eval]`, `[vae]` sections,
 //! loaded with `--set` overrides and validated before anything touches the disk. Each section's
 //! own checks live beside its type; `ExperimentConfig::validate` adds the cross-section ones.
-use crate::adamw::AdamWConfig;
+pub mod change;
+pub mod overrides;
+
 use crate::data::source::DataConfig;
-use crate::device::DeviceChoice;
-use crate::model::ModelConfig;
-use crate::sampling::{SamplingConfig, Weights};
+use crate::eval::sampling::{SamplingConfig, Weights};
+use crate::run::device::DeviceChoice;
+use crate::run::model::ModelConfig;
+use crate::train::adamw::AdamWConfig;
 use anyhow::{ensure, Context, Result};
 use flowmap_objectives::ObjectiveConfig;
 use serde::{Deserialize, Serialize};
@@ -27,9 +30,9 @@ pub struct ExperimentConfig {
     #[serde(default)]
     pub teacher: Option<TeacherConfig>,
     #[serde(default)]
-    pub eval: Option<crate::eval::EvalConfig>,
+    pub eval: Option<crate::eval::evaluator::EvalConfig>,
     #[serde(default)]
-    pub vae: Option<crate::vae_section::VaeSection>,
+    pub vae: Option<crate::data::vae::VaeSection>,
 }
 
 /// `[run]`.
@@ -171,15 +174,15 @@ impl TeacherConfig {
 
 /// Loads an experiment file with `--set` overrides (errors name the file and the key).
 pub fn load_config(path: &Path, overrides: &[String]) -> Result<(ExperimentConfig, toml::Table)> {
-    let (cfg, table): (ExperimentConfig, toml::Table) = crate::overrides::load(path, overrides)?;
+    let (cfg, table): (ExperimentConfig, toml::Table) = crate::config::overrides::load(path, overrides)?;
     cfg.validate().with_context(|| format!("{}: invalid config", path.display()))?;
     Ok((cfg, table))
 }
 
 impl ExperimentConfig {
     /// What an evaluation of this run reads.
-    pub fn eval_inputs(&self) -> crate::eval::EvalInputs<'_> {
-        crate::eval::EvalInputs { model: &self.model, data: &self.data, vae: &self.vae, sampling: &self.sampling, seed: self.run.seed }
+    pub fn eval_inputs(&self) -> crate::eval::evaluator::EvalInputs<'_> {
+        crate::eval::evaluator::EvalInputs { model: &self.model, data: &self.data, vae: &self.vae, sampling: &self.sampling, seed: self.run.seed }
     }
 
     /// `run.out_dir/run.name`, the run directory unless the caller names another.
@@ -203,7 +206,7 @@ impl ExperimentConfig {
         if let Some(e) = &self.eval {
             e.validate()?;
         }
-        if let Some(v) = crate::vae_section::for_run(&self.vae, &self.data) {
+        if let Some(v) = crate::data::vae::for_run(&self.vae, &self.data) {
             v.arch.validate().context("[vae.arch]")?;
             if self.data.dataset == crate::data::source::DataSet::Latents {
                 let s = self.data.image_size();

@@ -1,8 +1,8 @@
 //! Reference statistics: computed from a data set's split and cached on disk under a key that
 //! hashes everything that changes them, or read from a published `.npz` (`mu`, `sigma`).
-use crate::cache;
+use crate::data::cache;
 use crate::data::idx::{self, Split};
-use crate::file_lock::FileLock;
+use crate::run::file_lock::FileLock;
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -168,7 +168,7 @@ impl Reference {
                 "format": CACHE_FORMAT, "name": name, "data": data_identity, "num_images": n,
                 "preprocess": inception.preprocess().name(), "inception_sha256": inception.weights_sha256(), "key": key,
             });
-            crate::atomic_file::write_atomic(&path.with_extension("json"), (serde_json::to_string_pretty(&meta)? + "\n").as_bytes())?;
+            crate::run::atomic_file::write_atomic(&path.with_extension("json"), (serde_json::to_string_pretty(&meta)? + "\n").as_bytes())?;
             Ok(r)
         })?;
         r.name = name.to_string();

@@ -43,7 +43,7 @@ impl VaeSection {
     /// Path and sha256 of the weights, and the latent scale.
     pub fn identity(&self) -> Result<VaeIdentity> {
         let path = self.weights_path()?;
-        Ok(VaeIdentity { weights: path.display().to_string(), sha256: crate::cache::sha256_file(&path)?, scale: self.arch.scaling_factor })
+        Ok(VaeIdentity { weights: path.display().to_string(), sha256: crate::data::cache::sha256_file(&path)?, scale: self.arch.scaling_factor })
     }
 
     /// Dry-run checks: the weights load into the architecture, and for latents data they are the

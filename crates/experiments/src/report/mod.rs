@@ -1,0 +1,3 @@
+//! Reports over finished runs: the objective-by-steps [`table`] and the [`plot`]s.
+pub mod plot;
+pub mod table;
