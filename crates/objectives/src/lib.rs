@@ -99,6 +99,14 @@ pub trait Objective: Send {
         anyhow::ensure!(batch_size >= 1, "batch size must be positive, got {batch_size}");
         Ok(())
     }
+    /// Creates the objective's own trainable parameters under `root` (a learned loss weighting,
+    /// for example), once, before training starts. The trainer optimises them with the model's
+    /// optimizer, saves them in every checkpoint (`objective.safetensors`) and restores them on
+    /// resume; `loss` uses them. The default owns none.
+    fn init_params(&mut self, root: &tch::nn::Path) -> anyhow::Result<()> {
+        let _ = root;
+        Ok(())
+    }
 }
 
 /// Which network evaluates a self-generated target (always under no_grad).

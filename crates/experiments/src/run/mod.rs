@@ -7,3 +7,4 @@ pub mod file_lock;
 pub mod model;
 pub mod rng;
 pub mod run_dir;
+pub mod state;

@@ -97,7 +97,7 @@ pub fn load_vars(vs: &nn::VarStore, tensors: &std::collections::BTreeMap<String,
 pub fn load_run_weights(run: &std::path::Path, model: &ModelConfig, weights: crate::eval::sampling::Weights, device: Device) -> Result<Net> {
     let ck = crate::run::checkpoint::CheckpointDir::new(crate::run::run_dir::RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint", run.display()))?;
     let mut net = model.build(device)?;
-    let stem = weights.name();
-    net.load_named(&ck.tensors(if stem == "online" { "model" } else { "ema" })?, &format!("{} ({stem} weights)", ck.dir.display()))?;
+    let part = crate::run::state::Part::of_weights(weights);
+    net.load_named(&ck.tensors(part.name())?, &format!("{}/{}.safetensors ({} weights)", ck.dir.display(), part.name(), weights.name()))?;
     Ok(net)
 }

@@ -83,14 +83,21 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vs: &VarStore, cfg: AdamWConfig) -> Self {
-        let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        Self::over(&[("", vs)], cfg)
+    }
+
+    /// AdamW over the trainable variables of several stores (the model's, an objective's own):
+    /// store `(prefix, vs)`'s variable `name` is `<prefix><name>` in the saved state.
+    pub fn over(stores: &[(&str, &VarStore)], cfg: AdamWConfig) -> Self {
+        let vars: BTreeMap<String, Tensor> = stores.iter().flat_map(|(prefix, vs)| vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).map(move |(n, t)| (format!("{prefix}{n}"), t))).collect();
+        let device = stores.first().map(|(_, vs)| vs.device()).unwrap_or(Device::Cpu);
         let names: Vec<String> = vars.keys().cloned().collect();
         let params: Vec<Tensor> = vars.into_values().collect();
         let m = params.iter().map(|p| p.zeros_like().detach()).collect();
         let v = params.iter().map(|p| p.zeros_like().detach()).collect();
         let steps = params.iter().map(|p| Tensor::zeros([], (Kind::Float, p.device()))).collect();
         let fused = match cfg.kernel {
-            AdamWKernel::Auto => vs.device() != Device::Cpu,
+            AdamWKernel::Auto => device != Device::Cpu,
             AdamWKernel::Plain => false,
             AdamWKernel::Fused => true,
         };
