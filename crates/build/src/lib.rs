@@ -6,6 +6,9 @@
 //! and `--no-as-needed -ltorch_cuda`. It must not go into global rustflags: host artefacts (proc
 //! macros) would then load libtorch into rustc, which crashes.
 
+pub mod notebook;
+pub use notebook::compile_notebooks;
+
 /// Emits the link arguments. The calling package must depend on `flowmap-sys`, whose build script
 /// publishes the libtorch directory as `DEP_FLOWMAP_SYS_LIBTORCH_LIB`.
 pub fn link_libtorch() {
