@@ -6,9 +6,9 @@
 //! Time: the code's t_s (noise at 0) with t2 = t_s + dt becomes t = 1 − t_s and r = t − dt; its
 //! x_{t2} + (1 − t2)·v becomes x_r − r·F.
 use crate::label_dropout::LabelDropout;
-use crate::{guided_forward, Batch, Loss, Nets, Objective, TargetNet};
+use crate::{Batch, Loss, Nets, Objective, TargetNet};
 use flowmap_core::time::{ConsistencyConfig, DoublingSchedule, FixedPoints};
-use flowmap_core::{per_sample, CtSchedule, GridSpacing, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, VelocityField};
+use flowmap_core::{per_sample, CtSchedule, Guided, GridSpacing, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -161,7 +161,7 @@ impl Objective for ConsistencyDistillation {
         let x_r = tch::no_grad(|| {
             let h = t.full_like(self.teacher_h);
             let v = match self.teacher_cfg_scale {
-                Some(scale) => guided_forward(teacher, &x_t, &t, &h, &class, scale),
+                Some(scale) => Guided::new(teacher, scale).forward(&x_t, &t, &h, &class),
                 None => teacher.forward(&x_t, &t, &h, &class),
             };
             let x_r = &x_t - per_sample(&(&t - &r), &x_t) * v;

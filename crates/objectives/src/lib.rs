@@ -129,16 +129,6 @@ impl TargetNet {
     }
 }
 
-/// Classifier-free guidance inside a target: F(∅) + scale·(F(c) − F(∅)), both halves in one pass
-/// of 2B rows (as `flowmap_core`'s sampling-time wrapper). Rows whose class is already ∅ get F(∅).
-pub(crate) fn guided_forward(net: &dyn VelocityField, x: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, scale: f64) -> Tensor {
-    let n = x.size()[0];
-    let null = label_dropout::null_classes(n, net.null_class(), x.device());
-    let out = net.forward(&Tensor::cat(&[x, x], 0), &Tensor::cat(&[t, t], 0), &Tensor::cat(&[h, h], 0), &Tensor::cat(&[class, &null], 0));
-    let parts = out.chunk(2, 0);
-    &parts[1] + (&parts[0] - &parts[1]) * scale
-}
-
 /// Every objective, selected in TOML by `kind`; each variant's table holds that method's
 /// hyperparameters (defaults in the config structs' field comments).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

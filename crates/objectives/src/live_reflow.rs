@@ -6,8 +6,8 @@
 //! integrates x += v/8; here t = 1 − t_s, F = −s, and the rollout walks t from 1 down to 0.
 use crate::flow_matching::flow_matching_error;
 use crate::label_dropout::LabelDropout;
-use crate::{guided_forward, Batch, Loss, Nets, Objective};
-use flowmap_core::{Interpolant, InterpolantConfig, NoParams, TimeSampler, TimeSamplerConfig, VelocityField};
+use crate::{Batch, Loss, Nets, Objective};
+use flowmap_core::{Guided, Interpolant, InterpolantConfig, NoParams, TimeSampler, TimeSamplerConfig, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -99,7 +99,7 @@ impl LiveReflow {
                 let t = Tensor::full([n], 1.0 - i as f64 * step, (eps.kind(), eps.device()));
                 let h = t.full_like(self.flow_h);
                 let u = match self.rollout_cfg_scale {
-                    Some(scale) => guided_forward(net, &x, &t, &h, &rollout_class, scale),
+                    Some(scale) => Guided::new(net, scale).forward(&x, &t, &h, &rollout_class),
                     None => net.forward(&x, &t, &h, &rollout_class),
                 };
                 x = x - u * step;

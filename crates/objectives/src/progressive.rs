@@ -4,8 +4,8 @@
 //! loss mean(F(x_t, t, h, c) − sg[(u₁ + u₂)/2])², u₁ = F_φ(x_t, t, h/2), u₂ = F_φ(x_t − (h/2)·u₁, t − h/2, h/2).
 //! Time: the code's t_s = j/2^k (noise at 0) becomes t = 1 − t_s ∈ {h, …, 1}; its x + (h/2)·v is x − (h/2)·u.
 use crate::label_dropout::LabelDropout;
-use crate::{guided_forward, Batch, Loss, Nets, Objective};
-use flowmap_core::{Interpolant, InterpolantConfig, NoParams, VelocityField};
+use crate::{Batch, Loss, Nets, Objective};
+use flowmap_core::{Guided, Interpolant, InterpolantConfig, NoParams, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -87,7 +87,7 @@ impl ProgressiveDistillation {
 
     fn teacher_forward(&self, teacher: &dyn VelocityField, x: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, stage: u32) -> Tensor {
         match self.teacher_cfg_scale {
-            Some(scale) if stage == 0 => guided_forward(teacher, x, t, h, class, scale),
+            Some(scale) if stage == 0 => Guided::new(teacher, scale).forward(x, t, h, class),
             _ => teacher.forward(x, t, h, class),
         }
     }
