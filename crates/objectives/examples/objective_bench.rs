@@ -19,24 +19,6 @@ fn dit(variance: Variance) -> DitConfig {
 
 fn main() -> anyhow::Result<()> {
     let steps: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(15);
-    use ObjectiveConfig as O;
-    let list: Vec<(&str, ObjectiveConfig, u64, Variance)> = vec![
-        ("flow_matching", O::FlowMatching(FlowMatchingConfig::default()), 0, Variance::Fixed),
-        ("ddpm", O::Ddpm(DdpmObjectiveConfig::default()), 0, Variance::Fixed),
-        ("ddpm_learned_variance", O::Ddpm(DdpmObjectiveConfig { variance: DdpmVariance::Learned, ..Default::default() }), 0, Variance::Learned),
-        ("consistency_training", O::ConsistencyTraining(ConsistencyTrainingConfig::shortcut_code(700)), 650, Variance::Fixed),
-        ("consistency_distillation", O::ConsistencyDistillation(ConsistencyDistillationConfig::default()), 0, Variance::Fixed),
-        ("progressive_distillation", O::ProgressiveDistillation(ProgressiveConfig::new(1000)), 0, Variance::Fixed),
-        ("reflow", O::Reflow(ReflowConfig::default()), 0, Variance::Fixed),
-        ("live_reflow", O::LiveReflow(LiveReflowConfig::default()), 0, Variance::Fixed),
-        ("shortcut (paper)", O::Shortcut(ShortcutConfig::paper()), 0, Variance::Fixed),
-        ("shortcut (official_code)", O::Shortcut(ShortcutConfig::official_code()), 0, Variance::Fixed),
-        ("mean_flow (official, one_pass)", O::MeanFlow(MeanFlowConfig::default()), 0, Variance::Fixed),
-        ("mean_flow (official, graph_free)", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::GraphFree, ..Default::default() }), 0, Variance::Fixed),
-        ("mean_flow (official + guidance)", O::MeanFlow(MeanFlowConfig { guidance: Some(MeanFlowGuidance::default()), ..Default::default() }), 0, Variance::Fixed),
-        ("mean_flow (model tangent, sg)", O::MeanFlow(MeanFlowConfig::model_tangent_stop_gradient()), 0, Variance::Fixed),
-        ("mean_flow (model tangent, no sg)", O::MeanFlow(MeanFlowConfig::model_tangent_full()), 0, Variance::Fixed),
-    ];
     tch::set_num_threads(1);
     println!(
         "tiny DiT: depth 2, width 64, 4 heads, patch 2, 4x16x16 input (64 tokens), batch {BATCH}, CPU, 1 thread; \
@@ -52,7 +34,8 @@ fn main() -> anyhow::Result<()> {
         failure: Option<String>,
     }
     let mut entries = vec![];
-    for (name, cfg, step, variance) in list {
+    for Variant { name, config: cfg, step, learned_variance } in every_objective() {
+        let variance = if learned_variance { Variance::Learned } else { Variance::Fixed };
         tch::manual_seed(0);
         let make = || -> anyhow::Result<(VarStore, flowmap_models::Dit)> {
             let vs = VarStore::new(Device::Cpu);

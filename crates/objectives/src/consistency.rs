@@ -8,7 +8,7 @@
 use crate::label_dropout::LabelDropout;
 use crate::{Batch, Loss, Nets, Objective, TargetNet};
 use flowmap_core::time::{ConsistencyConfig, DoublingSchedule, FixedPoints};
-use flowmap_core::{per_sample, CtSchedule, Guided, GridSpacing, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, VelocityField};
+use flowmap_core::{per_sample, CtSchedule, GridSpacing, Guided, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 

@@ -6,6 +6,7 @@ use flowmap_core::VelocityField;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+pub mod catalog;
 pub mod consistency;
 pub mod ddpm;
 pub mod flow_matching;
@@ -18,6 +19,7 @@ pub mod reflow;
 pub mod shortcut;
 pub mod weighting;
 
+pub use catalog::{every_objective, Variant};
 pub use consistency::{ConsistencyDistillation, ConsistencyDistillationConfig, ConsistencyTraining, ConsistencyTrainingConfig};
 pub use ddpm::{Ddpm, DdpmObjectiveConfig, DdpmVariance};
 pub use flow_matching::{FlowMatching, FlowMatchingConfig};

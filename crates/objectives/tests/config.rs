@@ -123,3 +123,23 @@ fn progressive_stages_and_teacher_refresh() {
     let fm = FlowMatchingConfig::default().build().unwrap();
     assert!(!fm.refresh_teacher_at(100) && !fm.needs_teacher());
 }
+
+#[test]
+fn every_objective_covers_every_kind_and_each_kind_round_trips_through_toml() {
+    let list = flowmap_objectives::every_objective();
+    let mut names: Vec<&str> = list.iter().map(|v| v.name).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), list.len(), "variant names must be unique");
+    for kind in ObjectiveConfig::KINDS {
+        assert!(list.iter().any(|v| v.config.kind() == kind), "every_objective() has no `{kind}`");
+    }
+    for v in &list {
+        assert!(ObjectiveConfig::KINDS.contains(&v.config.kind()), "{}: kind {} missing from KINDS", v.name, v.config.kind());
+        let text = toml::to_string(&v.config).unwrap();
+        assert!(text.contains(&format!("kind = \"{}\"", v.config.kind())), "{}: {text}", v.name);
+        let back: ObjectiveConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, v.config, "{}", v.name);
+        v.config.build().unwrap_or_else(|e| panic!("{}: {e}", v.name));
+    }
+}

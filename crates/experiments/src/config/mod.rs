@@ -238,6 +238,6 @@ impl ExperimentConfig {
 }
 
 /// The `kind` string of an objective config.
-pub fn objective_kind(cfg: &ObjectiveConfig) -> String {
-    toml::Value::try_from(cfg).ok().and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(String::from)).unwrap_or_else(|| "?".into())
+pub fn objective_kind(cfg: &ObjectiveConfig) -> &'static str {
+    cfg.kind()
 }
