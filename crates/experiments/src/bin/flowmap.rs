@@ -1,7 +1,7 @@
 //! The `flowmap` command: thin wrappers over flowmap-experiments.
 use anyhow::{Context, Result};
 use clap::Parser;
-use flowmap_experiments::cli::{Cli, Command, DeviceArg, ResumeArg};
+use flowmap_experiments::cli::{Cli, Command};
 use flowmap_experiments::eval::{evaluator as eval, sample_export as sample};
 use flowmap_experiments::report::table;
 use flowmap_experiments::run::run_dir;
@@ -28,23 +28,13 @@ fn main() -> Result<()> {
                 println!("{}: dry run passed", config.display());
                 return Ok(());
             }
-            let opts = train::TrainOptions {
-                run_dir,
-                resume: match resume {
-                    ResumeArg::Auto => train::Resume::Auto,
-                    ResumeArg::Never => train::Resume::Never,
-                },
-                stop: stop_flag()?,
-                max_steps_this_call: max_steps,
-                inject_nan_at: vec![],
-                allow_config_change,
-            };
+            let opts = train::TrainOptions { run_dir, resume, stop: stop_flag()?, max_steps_this_call: max_steps, inject_nan_at: vec![], allow_config_change };
             let s = train::train(&cfg, &table, &opts)?;
             println!("{} at step {} ({:?}); run directory {}", cfg.run.name, s.step, s.outcome, s.run_dir.display());
         }
         Command::Sample { run, steps, num, weights, cfg_scale, class, seed, out } => {
             let cfg = read_run_config(&run)?;
-            let req = sample::SampleRequest { steps, num, weights: weights.into(), cfg_scale, class, seed, out };
+            let req = sample::SampleRequest { steps, num, weights, cfg_scale, class, seed, out };
             let out = sample::sample_run(&run, &cfg, &req, cfg.run.device.device()?)?;
             println!("samples in {}", out.display());
         }
@@ -64,7 +54,7 @@ fn main() -> Result<()> {
                 ev.reference.num_images = ref_images;
             }
             let steps = if steps.is_empty() { ev.steps.clone().unwrap_or(cfg.sampling.steps.clone()) } else { steps };
-            let rows = eval::evaluate_run(&run, &cfg.eval_inputs(), &ev, weights.into(), &steps, cfg.run.device.device()?)?;
+            let rows = eval::evaluate_run(&run, &cfg.eval_inputs(), &ev, weights, &steps, cfg.run.device.device()?)?;
             println!("steps,fid,kid");
             for r in rows {
                 println!("{},{:.3},{}", r.nfe, r.fid, r.kid.map(|k| format!("{k:.5}")).unwrap_or_default());
@@ -73,7 +63,7 @@ fn main() -> Result<()> {
         Command::ReflowPairs { teacher, count, steps, weights, batch, out } => {
             let cfg = read_run_config(&teacher)?;
             let out = out.unwrap_or_else(|| teacher.join("reflow_pairs.safetensors"));
-            let req = flowmap_experiments::cli::reflow_pairs::PairsRequest { count, steps, batch, weights: weights.into() };
+            let req = flowmap_experiments::cli::reflow_pairs::PairsRequest { count, steps, batch, weights };
             flowmap_experiments::cli::reflow_pairs::make_pairs(&teacher, &cfg, &req, &out, cfg.run.device.device()?)?;
             println!("{}", out.display());
         }
@@ -94,27 +84,13 @@ fn main() -> Result<()> {
                 Some(p) => flowmap_experiments::config::overrides::load(p, &[])?.0,
                 None => Default::default(),
             };
-            let opts = latents::EncodeOptions {
-                source,
-                layout: layout.into(),
-                out,
-                image_size,
-                dtype: dtype.into(),
-                flip: !no_flip,
-                shard_size,
-                batch,
-                workers: workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
-                max_new_shards: max_shards,
-            };
+            let opts =
+                latents::EncodeOptions { source, layout, out, image_size, dtype, flip: !no_flip, shard_size, batch, workers: workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)), max_new_shards: max_shards };
             // Before the VAE is loaded: bad arguments fail without any work.
             arch.validate()?;
             opts.validate(arch.downsample_factor())?;
             let section = flowmap_experiments::data::vae::VaeSection { weights: vae.map(|p| p.display().to_string()), arch };
-            let device = match device {
-                DeviceArg::Auto => flowmap_experiments::run::device::resolve(flowmap_experiments::run::device::DeviceChoice::Auto)?,
-                DeviceArg::Cpu => tch::Device::Cpu,
-                DeviceArg::Cuda => tch::Device::Cuda(0),
-            };
+            let device = device.device()?;
             let model = section.load(device)?;
             let shape = model.config().latent_shape(image_size as i64, image_size as i64).to_vec();
             let mut encode = |x: &tch::Tensor| -> Result<(tch::Tensor, tch::Tensor)> { Ok(model.encode_moments(&x.to_device(device))) };

@@ -5,7 +5,12 @@ pub mod doctor;
 pub mod dry_run;
 pub mod reflow_pairs;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use crate::data::image_folder::Layout;
+use crate::data::latents::LatentDtype;
+use crate::eval::sampling::Weights;
+use crate::run::device::DeviceChoice;
+use crate::train::Resume;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -13,66 +18,6 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum ResumeArg {
-    Auto,
-    Never,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum WeightsArg {
-    Ema,
-    Online,
-}
-
-impl From<WeightsArg> for crate::eval::sampling::Weights {
-    fn from(w: WeightsArg) -> Self {
-        match w {
-            WeightsArg::Ema => Self::Ema,
-            WeightsArg::Online => Self::Online,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum LayoutArg {
-    /// `class_folders` (the config spelling) is accepted too.
-    #[value(alias = "class_folders")]
-    ClassFolders,
-    Flat,
-}
-
-impl From<LayoutArg> for crate::data::image_folder::Layout {
-    fn from(l: LayoutArg) -> Self {
-        match l {
-            LayoutArg::ClassFolders => Self::ClassFolders,
-            LayoutArg::Flat => Self::Flat,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum DtypeArg {
-    F16,
-    F32,
-}
-
-impl From<DtypeArg> for crate::data::latents::LatentDtype {
-    fn from(d: DtypeArg) -> Self {
-        match d {
-            DtypeArg::F16 => Self::F16,
-            DtypeArg::F32 => Self::F32,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum DeviceArg {
-    Auto,
-    Cpu,
-    Cuda,
 }
 
 #[derive(Subcommand)]
@@ -85,7 +30,7 @@ pub enum Command {
         set: Vec<String>,
         /// auto: continue from the newest complete checkpoint; never: refuse an existing run.
         #[arg(long, value_enum, default_value = "auto")]
-        resume: ResumeArg,
+        resume: Resume,
         /// Run directory (default: run.out_dir/run.name).
         #[arg(long)]
         run_dir: Option<PathBuf>,
@@ -109,7 +54,7 @@ pub enum Command {
         #[arg(long)]
         source: PathBuf,
         #[arg(long, value_enum, default_value = "class-folders")]
-        layout: LayoutArg,
+        layout: Layout,
         /// Output folder (shards + manifest.json).
         #[arg(long)]
         out: PathBuf,
@@ -124,7 +69,7 @@ pub enum Command {
         image_size: u32,
         /// Storage precision of mean and std.
         #[arg(long, value_enum, default_value = "f16")]
-        dtype: DtypeArg,
+        dtype: LatentDtype,
         /// Do not also encode the horizontally flipped images.
         #[arg(long)]
         no_flip: bool,
@@ -138,7 +83,7 @@ pub enum Command {
         #[arg(long)]
         workers: Option<usize>,
         #[arg(long, value_enum, default_value = "auto")]
-        device: DeviceArg,
+        device: DeviceChoice,
         /// Stop after this many new shards (the next call resumes).
         #[arg(long)]
         max_shards: Option<usize>,
@@ -154,7 +99,7 @@ pub enum Command {
         #[arg(long, default_value_t = 64)]
         num: i64,
         #[arg(long, value_enum, default_value = "ema")]
-        weights: WeightsArg,
+        weights: Weights,
         /// Classifier-free guidance scale (finite; default: the run's `sampling.cfg_scale`).
         #[arg(long, allow_negative_numbers = true)]
         cfg_scale: Option<f64>,
@@ -178,7 +123,7 @@ pub enum Command {
         #[arg(long, default_value_t = 128)]
         steps: usize,
         #[arg(long, value_enum, default_value = "ema")]
-        weights: WeightsArg,
+        weights: Weights,
         /// Couplings per sampler call (>= 1).
         #[arg(long, default_value_t = 256)]
         batch: i64,
@@ -197,7 +142,7 @@ pub enum Command {
         #[arg(long)]
         num_samples: Option<usize>,
         #[arg(long, value_enum, default_value = "ema")]
-        weights: WeightsArg,
+        weights: Weights,
         /// Use the TF / ADM convention instead of pytorch-fid's.
         #[arg(long)]
         tf: bool,

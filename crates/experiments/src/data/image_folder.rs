@@ -28,10 +28,12 @@ use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
 
 /// How the images are arranged under the root.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Layout {
     /// One folder per class (ImageNet train); class ids from the sorted folder names.
+    /// On the command line `class-folders`, and the config spelling `class_folders` too.
+    #[value(alias = "class_folders")]
     ClassFolders,
     /// All images directly in the root (CelebA-HQ); unconditional.
     Flat,

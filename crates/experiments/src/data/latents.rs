@@ -34,7 +34,7 @@ pub const FORMAT: &str = "flowmap-latents-v1";
 pub const CROP: &str = "adm_center_crop_arr";
 
 /// Storage precision of mean and std.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum LatentDtype {
     F16,

@@ -252,7 +252,7 @@ pub fn cpu_fallback_reason() -> Option<String> {
 }
 
 /// `run.device`: where a run trains and evaluates.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceChoice {
     #[default]

@@ -35,7 +35,7 @@ use tch::{nn, Device, Kind, Tensor};
 const OBJECTIVE_PREFIX: &str = "objective.";
 
 /// How a `train` call treats an existing run directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Resume {
     /// Start at step 0 (an existing run directory with checkpoints is an error).
     Never,
