@@ -6,5 +6,6 @@ pub mod idx;
 pub mod image_folder;
 pub mod latents;
 pub mod loader;
+pub mod reflow_pairs;
 pub mod source;
 pub mod vae;

@@ -389,7 +389,7 @@ impl DataConfig {
         let null = (!self.conditional).then_some(null_class);
         if let Some(pairs) = &self.reflow_pairs {
             let path = PathBuf::from(expand_env(pairs).context("data.reflow_pairs")?);
-            let p = flowmap_objectives::reflow::load_pairs(&path)?;
+            let p = crate::data::reflow_pairs::load_pairs(&path)?;
             ensure!(p.x.size()[1..] == self.sample_shape()[..], "{}: pairs of shape {:?}, the data's samples are {:?}", path.display(), &p.x.size()[1..], self.sample_shape());
             let labels = if self.conditional { p.class } else { p.class.full_like(null_class) };
             let name = format!("reflow pairs {}", path.display());
