@@ -7,8 +7,8 @@
 //! [vae.arch]                      # optional: flowmap_models::vae::VaeConfig fields; default sd-vae-ft-mse
 //! block_out_channels = [8, 8, 8, 8]
 //! ```
-use crate::data::latents::{LatentReader, VaeIdentity};
 use crate::data::config::{expand_env, DataConfig};
+use crate::data::latents::{LatentReader, VaeIdentity};
 use anyhow::{ensure, Context, Result};
 use flowmap_models::vae::{Vae, VaeConfig};
 use serde::{Deserialize, Serialize};

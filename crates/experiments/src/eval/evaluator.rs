@@ -1,8 +1,8 @@
 //! `[eval]` and `flowmap fid`: FID (and KID) of a trained run at a list of step counts, against
 //! reference statistics of a data split (cached) or a published `.npz`, appended to `fid.csv`.
+use crate::data::config::{expand_env, DataConfig, DataSet, SplitName};
 use crate::data::idx::Split;
 use crate::data::image_folder::{load_batch, ImageFolder, Layout, SkipLog};
-use crate::data::config::{expand_env, DataConfig, DataSet, SplitName};
 use crate::data::vae::VaeSection;
 use crate::eval::fid::{self, EvalSettings, FidRow, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec};
 use crate::eval::sampling::SamplingConfig;
