@@ -56,7 +56,7 @@ sample_every = 1000
 checkpoint_every = 1000
 
 [data]
-dataset = "{dataset}"
+kind = "{dataset}"
 conditional = {str(conditional).lower()}
 {pairs}
 [model]

@@ -221,7 +221,7 @@ fn training_refuses_a_latent_shard_whose_sha256_does_not_match() {
     std::fs::write(
         &config,
         format!(
-            "[run]\nname = \"latents\"\nsteps = 2\nbatch_size = 2\ndevice = \"cpu\"\nthreads = 1\nout_dir = {runs:?}\n\n[data]\ndataset = \"latents\"\npath = {lat:?}\nimage_size = 32\n\n\
+            "[run]\nname = \"latents\"\nsteps = 2\nbatch_size = 2\ndevice = \"cpu\"\nthreads = 1\nout_dir = {runs:?}\n\n[data]\nkind = \"latents\"\npath = {lat:?}\nimage_size = 32\n\n\
              [model]\nkind = \"dit\"\ndepth = 1\nhidden_size = 32\nnum_heads = 2\npatch_size = 2\nin_channels = 4\ninput_size = 4\nnum_classes = 0\n\n\
              [objective]\nkind = \"flow_matching\"\n\n[optimizer]\nlr = 1e-3\n\n[sampling]\nrule = \"euler\"\nsteps = [1]\ngrid_images = 2\n",
             runs = dir.path().join("runs").display().to_string(),

@@ -257,7 +257,7 @@ fn every_documented_train_command_validates_and_dry_runs() {
                 }
             };
             validated += 1;
-            if cfg.data.dataset.is_builtin() && cfg.data.reflow_pairs.is_none() {
+            if cfg.data.is_builtin() && cfg.data.reflow_pairs().is_none() {
                 match dry_run(&cfg, DryRunOptions { forward: !no_forward }) {
                     Ok(r) if r.parameters > 0 && r.data_len > 0 => dry_runs += 1,
                     Ok(r) => failures.push(format!("{}: dry run found nothing: {r:?}", d.origin)),

@@ -336,7 +336,7 @@ log_every = 1
 out_dir = "{runs}"
 
 [data]
-dataset = "latents"
+kind = "latents"
 path = "{lat}"
 conditional = true
 num_classes = 2

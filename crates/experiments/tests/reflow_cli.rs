@@ -17,7 +17,7 @@ fn pairs_are_the_teachers_samples_and_reflow_trains_on_them() {
     ok(&["reflow-pairs", "--teacher", teacher.to_str().unwrap(), "--count", "40", "--steps", "2", "--batch", "16", "--out", pairs.to_str().unwrap()]);
 
     // The stored sample of each noise is what the teacher's sampler makes from it.
-    let p = flowmap_objectives::reflow::load_pairs(&pairs).unwrap();
+    let p = flowmap_experiments::data::reflow_pairs::load_pairs(&pairs).unwrap();
     assert_eq!(p.x.size(), vec![40, 1, 32, 32]);
     assert_eq!(Vec::<i64>::try_from(&p.class.narrow(0, 0, 12)).unwrap(), vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]);
     let (cfg, _) = load_config(&tiny, &[]).unwrap();

@@ -109,6 +109,7 @@ fn main() -> Result<()> {
                 if r.complete { "" } else { "; NOT complete: run the same command again to continue" }
             );
         }
+        Command::MigrateConfig { files } => print!("{}", flowmap_experiments::cli::migrate_config::run(&files)?),
         Command::Doctor => print!("{}", flowmap_experiments::cli::doctor::report()?),
     }
     Ok(())

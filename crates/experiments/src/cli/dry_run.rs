@@ -7,7 +7,6 @@
 //! one forward pass of the model on that batch, and reports the teacher run (which may not exist
 //! yet: a warning, not an error).
 use crate::config::ExperimentConfig;
-use crate::data::source::DataSet;
 use anyhow::{ensure, Context, Result};
 use std::fmt::Write as _;
 use tch::{Device, Kind, Tensor};
@@ -55,7 +54,7 @@ pub fn dry_run(cfg: &ExperimentConfig, opts: DryRunOptions) -> Result<DryRunRepo
     r.data_len = data.len();
     r.data_classes = data.num_classes();
     r.lines.push(format!("data: {}", data.describe()));
-    if cfg.data.dataset == DataSet::Latents {
+    if cfg.data.latents().is_some() {
         r.lines.push("data: every shard's sha256 matches the manifest".into());
     }
     ensure!(!data.is_empty(), "the data is empty");

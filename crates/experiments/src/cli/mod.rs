@@ -3,6 +3,7 @@
 //! (`Cli::try_parse_from`, tests/docs_commands.rs).
 pub mod doctor;
 pub mod dry_run;
+pub mod migrate_config;
 pub mod reflow_pairs;
 
 use crate::data::image_folder::Layout;
@@ -160,6 +161,12 @@ pub enum Command {
         /// Output folder (default: the first run's plots/).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Rewrite experiment files (or a run's config.toml) written in an older form, keeping each
+    /// original as FILE.bak; prints what changed.
+    MigrateConfig {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
     /// Train (or reuse) one run per objective of a table spec, evaluate, write table + plot.
     Table { spec: PathBuf },

@@ -3,11 +3,11 @@
 //! step count) and stores the couplings (noise, sample, class) as safetensors; a `reflow` run then
 //! trains on them through `data.reflow_pairs`.
 use crate::config::ExperimentConfig;
+use crate::data::reflow_pairs::{generate_pairs, Pairs};
 use crate::eval::sampling::Weights;
 use crate::run::model::load_run_weights;
 use crate::run::rng::{self, Stream};
 use anyhow::{ensure, Result};
-use flowmap_objectives::reflow::{generate_pairs, Pairs};
 use std::path::Path;
 use tch::Device;
 
@@ -49,8 +49,7 @@ pub fn make_pairs(run: &Path, cfg: &ExperimentConfig, req: &PairsRequest, out: &
         c
     };
     rng::reseed(cfg.run.seed, 0, Stream::Eval);
-    let pairs = generate_pairs(count, batch, &cfg.model.sample_shape(), device, classes, |noise, class| cfg.sampling.generate(net.net.as_ref(), noise.shallow_clone(), class, steps), None)?;
-    crate::run::atomic_file::write_atomic_to(out, |tmp| flowmap_objectives::reflow::save_pairs(&pairs, tmp))?;
+    let pairs = generate_pairs(count, batch, &cfg.model.sample_shape(), device, classes, |noise, class| cfg.sampling.generate(net.net.as_ref(), noise.shallow_clone(), class, steps), Some(out))?;
     tracing::info!("{count} couplings ({steps} steps of {:?}) written to {}", cfg.sampling.rule, out.display());
     Ok(pairs)
 }

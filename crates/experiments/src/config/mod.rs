@@ -2,10 +2,12 @@
 //! `[optimizer]`, `[ema]`, `[sampling]` and optional `[teacher]`, `[eval]`, `[vae]` sections,
 //! loaded with `--set` overrides and validated before anything touches the disk. Each section's
 //! own checks live beside its type; `ExperimentConfig::validate` adds the cross-section ones.
+//! Files in an older form are refused with the edits that fix them ([`migrate`]).
 pub mod change;
+pub mod migrate;
 pub mod overrides;
 
-use crate::data::source::DataConfig;
+use crate::data::config::DataConfig;
 use crate::eval::sampling::{SamplingConfig, Weights};
 use crate::run::device::DeviceChoice;
 use crate::run::model::ModelConfig;
@@ -172,9 +174,16 @@ impl TeacherConfig {
     }
 }
 
-/// Loads an experiment file with `--set` overrides (errors name the file and the key).
+/// Loads an experiment file with `--set` overrides (errors name the file and the key). A file in
+/// an older form is refused with the edits to make and the `flowmap migrate-config` command.
 pub fn load_config(path: &Path, overrides: &[String]) -> Result<(ExperimentConfig, toml::Table)> {
-    let (cfg, table): (ExperimentConfig, toml::Table) = crate::config::overrides::load(path, overrides)?;
+    let file = crate::config::overrides::read_table(path)?;
+    let mut table = file.clone();
+    for o in overrides {
+        crate::config::overrides::apply_override(&mut table, o)?;
+    }
+    migrate::refuse_old(path, &file, &table)?;
+    let cfg: ExperimentConfig = crate::config::overrides::deserialize(&table, &crate::config::overrides::origin(path, overrides))?;
     cfg.validate().with_context(|| format!("{}: invalid config", path.display()))?;
     Ok((cfg, table))
 }
@@ -194,7 +203,7 @@ impl ExperimentConfig {
     pub fn validate(&self) -> Result<()> {
         self.run.validate()?;
         self.data.validate()?;
-        if let (Some(limit), None) = (self.data.limit, &self.data.reflow_pairs) {
+        if let Some(limit) = self.data.limit() {
             ensure!(self.run.batch_size as usize <= limit, "run.batch_size = {} is larger than data.limit = {limit} (the images one epoch draws from)", self.run.batch_size);
         }
         self.model.validate()?;
@@ -208,8 +217,8 @@ impl ExperimentConfig {
         }
         if let Some(v) = crate::data::vae::for_run(&self.vae, &self.data) {
             v.arch.validate().context("[vae.arch]")?;
-            if self.data.dataset == crate::data::source::DataSet::Latents {
-                let s = self.data.image_size();
+            if let Some(latents) = self.data.latents() {
+                let s = latents.image_size;
                 let (made, want) = (v.arch.latent_shape(s, s).to_vec(), self.data.sample_shape());
                 ensure!(made == want, "the VAE of [vae.arch] makes latents {made:?} of {s}² images, data.image_size = {s} implies {want:?} (4 channels, 8× downsampling)");
             }
@@ -219,16 +228,16 @@ impl ExperimentConfig {
             "model.num_classes = {} but the data has {} classes (data.conditional = {}); set model.num_classes = {}",
             self.model.num_classes(),
             self.data.num_classes(),
-            self.data.conditional,
+            self.data.conditional(),
             self.data.num_classes()
         );
         let shape = self.model.sample_shape();
         let data_shape = self.data.sample_shape();
-        ensure!(shape == data_shape, "the model takes samples of shape {shape:?} but {} samples are {data_shape:?} (set model.in_channels / model.input_size)", self.data.dataset.name());
+        ensure!(shape == data_shape, "the model takes samples of shape {shape:?} but {} samples are {data_shape:?} (set model.in_channels / model.input_size)", self.data.name());
         self.sampling.validate()?;
         let objective = self.objective.build_for_batch(self.run.batch_size).with_context(|| format!("[objective] (kind = {:?}, run.batch_size = {})", objective_kind(&self.objective), self.run.batch_size))?;
         ensure!(
-            !objective.needs_coupled_data() || self.data.reflow_pairs.is_some(),
+            !objective.needs_coupled_data() || self.data.reflow_pairs().is_some(),
             "objective.kind = {:?} trains on stored (noise, sample) pairs: set data.reflow_pairs to a file made by `flowmap reflow-pairs --teacher RUN`",
             objective_kind(&self.objective)
         );

@@ -59,6 +59,14 @@ pub fn load<T: DeserializeOwned>(path: &Path, overrides: &[String]) -> Result<(T
     for o in overrides {
         apply_override(&mut table, o)?;
     }
-    let origin = if overrides.is_empty() { path.display().to_string() } else { format!("{} (with --set {})", path.display(), overrides.join(" ")) };
-    Ok((deserialize(&table, &origin)?, table))
+    Ok((deserialize(&table, &origin(path, overrides))?, table))
+}
+
+/// How errors name a file loaded with overrides: `path`, or `path (with --set a=1 b=2)`.
+pub fn origin(path: &Path, overrides: &[String]) -> String {
+    if overrides.is_empty() {
+        path.display().to_string()
+    } else {
+        format!("{} (with --set {})", path.display(), overrides.join(" "))
+    }
 }

@@ -7,8 +7,8 @@
 //! [vae.arch]                      # optional: flowmap_models::vae::VaeConfig fields; default sd-vae-ft-mse
 //! block_out_channels = [8, 8, 8, 8]
 //! ```
+use crate::data::config::{expand_env, DataConfig};
 use crate::data::latents::{LatentReader, VaeIdentity};
-use crate::data::source::{expand_env, DataConfig, DataSet};
 use anyhow::{ensure, Context, Result};
 use flowmap_models::vae::{Vae, VaeConfig};
 use serde::{Deserialize, Serialize};
@@ -52,8 +52,8 @@ impl VaeSection {
         let vae = self.load(Device::Cpu)?;
         let id = self.identity()?;
         let mut warnings = vec![];
-        if data.dataset == DataSet::Latents {
-            let m = LatentReader::open(&data.resolved_path()?, false, false, 0, None)?.manifest;
+        if let Some(latents) = data.latents() {
+            let m = LatentReader::open(&latents.resolved_path()?, false, false, 0, None)?.manifest;
             ensure!(m.vae.sha256 == id.sha256, "vae.weights {} (sha256 {}) are not the weights the latents were encoded with ({}, sha256 {})", id.weights, id.sha256, m.vae.weights, m.vae.sha256);
             ensure!((m.vae.scale - id.scale).abs() < 1e-12, "the latents were made for scale {}, vae.arch.scaling_factor is {}", m.vae.scale, id.scale);
             let s = m.image_size as i64;
@@ -77,9 +77,8 @@ pub fn to_pixels(vae: Option<&Vae>, x: tch::Tensor) -> tch::Tensor {
 }
 
 pub fn for_run(vae: &Option<VaeSection>, data: &DataConfig) -> Option<VaeSection> {
-    match (vae, data.dataset) {
-        (Some(v), _) => Some(v.clone()),
-        (None, DataSet::Latents) => Some(VaeSection::default()),
-        _ => None,
+    match vae {
+        Some(v) => Some(v.clone()),
+        None => data.latents().map(|_| VaeSection::default()),
     }
 }

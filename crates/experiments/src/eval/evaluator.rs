@@ -1,9 +1,8 @@
 //! `[eval]` and `flowmap fid`: FID (and KID) of a trained run at a list of step counts, against
 //! reference statistics of a data split (cached) or a published `.npz`, appended to `fid.csv`.
+use crate::data::config::{expand_env, DataConfig, DataSet, SplitName};
 use crate::data::idx::Split;
 use crate::data::image_folder::{load_batch, ImageFolder, Layout, SkipLog};
-use crate::data::source::DataConfig;
-use crate::data::source::{DataSet, SplitName};
 use crate::data::vae::VaeSection;
 use crate::eval::fid::{self, EvalSettings, FidRow, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec};
 use crate::eval::sampling::SamplingConfig;
@@ -106,13 +105,13 @@ pub fn check_steps(steps: &[usize], what: &str) -> Result<()> {
 /// The reference for a run, computed (or read from the cache) with `inception`.
 pub fn reference(data: &DataConfig, eval: &EvalConfig, inception: &Inception) -> Result<Reference> {
     if let Some(npz) = &eval.reference.npz {
-        let npz = PathBuf::from(crate::data::source::expand_env(&npz.display().to_string()).context("eval.reference.npz")?);
+        let npz = PathBuf::from(expand_env(&npz.display().to_string()).context("eval.reference.npz")?);
         return Reference::from_npz(&npz);
     }
     if let Some((root, layout)) = reference_folder(data, eval)? {
         return folder_reference(inception, &root, layout, data.image_size() as u32, eval.reference.num_images);
     }
-    let dataset = eval.reference.dataset.unwrap_or(data.dataset);
+    let dataset = eval.reference.dataset.unwrap_or(data.data_set());
     let spec = SplitSpec {
         dataset: dataset.name().parse::<RefDataset>()?,
         split: match eval.reference.split.unwrap_or(SplitName::Test) {
@@ -129,21 +128,13 @@ pub fn reference(data: &DataConfig, eval: &EvalConfig, inception: &Inception) ->
 /// The image folder reference statistics come from, if any: `eval.reference.folder`, else the run's
 /// image folder or the source folder of its latents.
 fn reference_folder(data: &DataConfig, eval: &EvalConfig) -> Result<Option<(PathBuf, Layout)>> {
-    use crate::data::source::expand_env;
     if let Some(f) = &eval.reference.folder {
         return Ok(Some((PathBuf::from(expand_env(f).context("eval.reference.folder")?), eval.reference.layout.unwrap_or(Layout::ClassFolders))));
     }
     if eval.reference.dataset.is_some_and(|d| d.is_builtin()) {
         return Ok(None);
     }
-    Ok(match data.dataset {
-        DataSet::ImageFolder => Some((data.resolved_path()?, data.layout.unwrap_or(Layout::ClassFolders))),
-        DataSet::Latents => {
-            let m = crate::data::latents::LatentReader::open(&data.resolved_path()?, false, false, 0, None)?.manifest;
-            Some((PathBuf::from(&m.source), m.layout))
-        }
-        _ => None,
-    })
+    data.source_folder()
 }
 
 /// Reference statistics of an image folder (ADM center crop at `size`, no flips), from

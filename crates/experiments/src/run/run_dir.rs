@@ -80,7 +80,15 @@ fn env_facts() -> String {
     format!("flowmap {}\ntch 0.24.0\nlibtorch {}\ncuda {}\ndevice {}\nthreads {}\n", env!("CARGO_PKG_VERSION"), flowmap_sys::torch_version(), cuda, device, tch::get_num_threads())
 }
 
-/// Reads a run's resolved config table back (for `sample`, `fid`, `plot`, `--resume`).
+/// Reads a run's resolved config table back (for `sample`, `fid`, `reflow-pairs`, `--resume`).
+/// A config.toml written in an older form is read as migrated, with a warning (the file is left
+/// as it is: `flowmap migrate-config` rewrites it).
 pub fn read_config(run: &Path) -> Result<toml::Table> {
-    crate::config::overrides::read_table(&run.join("config.toml"))
+    let path = run.join("config.toml");
+    let (table, changes) = crate::config::migrate::migrate(crate::config::overrides::read_table(&path)?).with_context(|| path.display().to_string())?;
+    if !changes.is_empty() {
+        let list = changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
+        tracing::warn!("{}: written in an older config form; read as migrated ({list}); `flowmap migrate-config {}` rewrites it", path.display(), path.display());
+    }
+    Ok(table)
 }
