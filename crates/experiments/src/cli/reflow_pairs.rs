@@ -48,9 +48,10 @@ pub fn make_pairs(run: &Path, cfg: &ExperimentConfig, req: &PairsRequest, out: &
         next += n;
         c
     };
+    let sampler = cfg.sampler()?;
     rng::reseed(cfg.run.seed, 0, Stream::Eval);
-    let pairs = generate_pairs(count, batch, &cfg.model.sample_shape(), device, classes, |noise, class| cfg.sampling.generate(net.net.as_ref(), noise.shallow_clone(), class, steps), None)?;
+    let pairs = generate_pairs(count, batch, &cfg.model.sample_shape(), device, classes, |noise, class| sampler.generate(net.net.as_ref(), noise.shallow_clone(), class, steps), None)?;
     crate::run::atomic_file::write_atomic_to(out, |tmp| flowmap_objectives::reflow::save_pairs(&pairs, tmp))?;
-    tracing::info!("{count} couplings ({steps} steps of {:?}) written to {}", cfg.sampling.rule, out.display());
+    tracing::info!("{count} couplings ({steps} steps; {sampler}) written to {}", out.display());
     Ok(pairs)
 }

@@ -6,7 +6,7 @@
 //! position and counters, so `--resume auto` continues exactly (same parameters, same losses).
 use crate::config::{ExperimentConfig, NonFinite};
 use crate::data::loader::{DataPosition, Order};
-use crate::eval::sampling::{fixed_inputs, SamplingConfig, Weights};
+use crate::eval::sampling::{fixed_inputs, Sampler, Weights};
 use crate::run::checkpoint::{CheckpointContents, CheckpointDir};
 use crate::run::model::{load_run_weights, load_vars, named_vars, Net};
 use crate::run::rng::{self, Stream};
@@ -268,7 +268,7 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
                 Weights::Ema => ema_net.as_ref(),
                 Weights::Online => online.net.as_ref(),
             };
-            write_grids(&cfg.sampling, net, &grid_noise, &grid_class, &run, step, &mut tb, grid_vae.as_ref())?;
+            write_grids(&cfg.sampler()?, &cfg.sampling.steps, net, &grid_noise, &grid_class, &run, step, &mut tb, grid_vae.as_ref())?;
             progress.pause_done();
         }
         if (cfg.run.checkpoint_every > 0 && step.is_multiple_of(cfg.run.checkpoint_every)) || end {
@@ -282,15 +282,15 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
         if let Some(ev) = cfg.eval.as_ref().filter(|e| e.every > 0 && (step.is_multiple_of(e.every) || end)) {
             let evaluator = match &evaluator {
                 Some(e) => e,
-                None => evaluator.insert(crate::eval::evaluator::Evaluator::new(&cfg.eval_inputs(), ev, device)?),
+                None => evaluator.insert(crate::eval::evaluator::Evaluator::new(&cfg.eval_inputs()?, ev, device)?),
             };
             let net: &dyn VelocityField = match cfg.sampling.weights {
                 Weights::Ema => ema_net.as_ref(),
                 Weights::Online => online.net.as_ref(),
             };
             let steps = ev.steps.clone().unwrap_or_else(|| cfg.sampling.steps.clone());
-            for r in evaluator.evaluate(&cfg.eval_inputs(), net, cfg.sampling.weights, step, &steps, &run.root, device)? {
-                tb.scalar(&format!("fid/steps{}", r.nfe), r.fid as f32, step as i64)?;
+            for r in evaluator.evaluate(&cfg.eval_inputs()?, net, cfg.sampling.weights, step, &steps, &run.root, device)? {
+                tb.scalar(&format!("fid/steps{}", r.steps), r.fid as f32, step as i64)?;
             }
             progress.pause_done();
         }
@@ -311,9 +311,9 @@ pub fn train(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -
 
 /// Sample grids at every configured step count: `samples/step_XXXXXXX_stepsN.png` and TensorBoard.
 #[allow(clippy::too_many_arguments)]
-pub fn write_grids(cfg: &SamplingConfig, net: &dyn VelocityField, noise: &Tensor, class: &Tensor, run: &RunDir, step: u64, tb: &mut EventWriter, vae: Option<&flowmap_models::vae::Vae>) -> Result<()> {
-    for &steps in &cfg.steps {
-        let x = crate::data::vae::to_pixels(vae, cfg.generate(net, noise.shallow_clone(), class, steps).to_kind(Kind::Float));
+pub fn write_grids(sampler: &Sampler, step_counts: &[usize], net: &dyn VelocityField, noise: &Tensor, class: &Tensor, run: &RunDir, step: u64, tb: &mut EventWriter, vae: Option<&flowmap_models::vae::Vae>) -> Result<()> {
+    for &steps in step_counts {
+        let x = crate::data::vae::to_pixels(vae, sampler.generate(net, noise.shallow_clone(), class, steps).to_kind(Kind::Float));
         let path = run.samples().join(format!("step_{step:07}_steps{steps}.png"));
         crate::eval::image_grid::save_grid(&x, &path)?;
         let (png, h, w, c) = crate::eval::image_grid::grid_png(&x)?;
