@@ -174,7 +174,8 @@ pub fn nfe_note(points: &[(usize, Option<f64>)]) -> Option<String> {
 pub fn fid_vs_sampling_steps_series(run: &str, rows: &[FidRow]) -> Vec<Series> {
     type Key = (String, u64, String, String, usize);
     type Part = (bool, fn(&Key) -> String);
-    let mut groups: BTreeMap<Key, (u64, BTreeMap<usize, (f64, Option<f64>)>)> = BTreeMap::new();
+    type Points = BTreeMap<usize, (f64, Option<f64>)>; // steps → (fid, nfe)
+    let mut groups: BTreeMap<Key, (u64, Points)> = BTreeMap::new();
     for r in rows {
         let key = (r.weights.clone(), r.cfg_scale.to_bits(), r.ref_stats.clone(), r.preprocess.clone(), r.num_samples);
         let entry = groups.entry(key).or_insert((r.train_step, BTreeMap::new()));
