@@ -9,13 +9,14 @@
 //! * [`sampling`]: the sampler over a time grid;
 //! * [`guidance`]: classifier-free guidance as a wrapper; [`ema`]: the parameter EMA;
 //! * [`gaussian`]: exact fields for Gaussian data (tests);
-//! * [`net`]: the network trait.
+//! * [`net`]: the network trait; [`nfe`]: a wrapper that counts network evaluations.
 pub mod config;
 pub mod ema;
 pub mod gaussian;
 pub mod guidance;
 pub mod interpolant;
 pub mod net;
+pub mod nfe;
 pub mod sampling;
 pub mod time;
 
@@ -25,5 +26,6 @@ pub use gaussian::{ExactAverageVelocity, ExactEps, ExactVelocity, GaussianData};
 pub use guidance::Guided;
 pub use interpolant::{DdpmConfig, DdpmSchedule, Interpolant, InterpolantConfig, Linear, SigmaMinConfig, TrigFlow, TrigFlowConfig, VpCosine, VpCosineConfig, VpLinearBeta};
 pub use net::{per_sample, VelocityField};
-pub use sampling::{check_grid, sample, uniform_grid, Diffusion, DiffusionScale, StepRule, TimeGrid};
+pub use nfe::NfeCounter;
+pub use sampling::{check_grid, sample, uniform_grid, Diffusion, DiffusionScale, Prediction, RuleName, StepRule, TimeGrid};
 pub use time::{ConsistencyCurriculum, ConsistencyGrid, CtSchedule, DdpmSteps, DiscreteUniform, DyadicSteps, GridSpacing, LogitNormal, MeanFlowPairs, PairSampler, PairSamplerConfig, TimePair, TimeSampler, TimeSamplerConfig, Uniform};

@@ -45,6 +45,111 @@ pub enum StepRule {
     Renoise,
 }
 
+/// A [`StepRule`] by name, as configs write it (`rule = "heun"`); [`RuleName::step_rule`] adds the
+/// diffusion coefficient the SDE rule needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleName {
+    Euler,
+    Heun,
+    Jump,
+    Ddim,
+    DdpmAncestral,
+    Sde,
+    Renoise,
+}
+
+impl RuleName {
+    /// Every rule, in declaration order.
+    pub const ALL: [RuleName; 7] = [Self::Euler, Self::Heun, Self::Jump, Self::Ddim, Self::DdpmAncestral, Self::Sde, Self::Renoise];
+
+    /// The name configs use (`"ddpm_ancestral"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Euler => "euler",
+            Self::Heun => "heun",
+            Self::Jump => "jump",
+            Self::Ddim => "ddim",
+            Self::DdpmAncestral => "ddpm_ancestral",
+            Self::Sde => "sde",
+            Self::Renoise => "renoise",
+        }
+    }
+
+    /// The rule; `diffusion` is g(t) of the SDE rule (required there, ignored by the others).
+    pub fn step_rule(self, diffusion: Option<Diffusion>) -> anyhow::Result<StepRule> {
+        Ok(match self {
+            Self::Euler => StepRule::Euler,
+            Self::Heun => StepRule::Heun,
+            Self::Jump => StepRule::Jump,
+            Self::Ddim => StepRule::Ddim,
+            Self::DdpmAncestral => StepRule::DdpmAncestral,
+            Self::Sde => StepRule::Sde { diffusion: diffusion.ok_or_else(|| anyhow::anyhow!("the sde rule needs a diffusion coefficient g(t)"))? },
+            Self::Renoise => StepRule::Renoise,
+        })
+    }
+}
+
+impl StepRule {
+    /// The rule's config name.
+    pub fn name(&self) -> RuleName {
+        match self {
+            Self::Euler => RuleName::Euler,
+            Self::Heun => RuleName::Heun,
+            Self::Jump => RuleName::Jump,
+            Self::Ddim => RuleName::Ddim,
+            Self::DdpmAncestral => RuleName::DdpmAncestral,
+            Self::Sde { .. } => RuleName::Sde,
+            Self::Renoise => RuleName::Renoise,
+        }
+    }
+}
+
+/// What a trained network's output means (which (t, h) it was trained on and how to read it);
+/// it decides which step rules can sample from it (see [`Prediction::rules`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prediction {
+    /// eps at h = 0 (DDPM).
+    Eps,
+    /// The instantaneous velocity dx_t/dt, h = 0 (flow matching, reflow).
+    Velocity,
+    /// The average velocity over [t − h, t] for steps h > 0, and the velocity at h = 0 (Shortcut,
+    /// MeanFlow, progressive distillation, live reflow).
+    AverageVelocity,
+    /// The jump to data only, F(x_t, t, h = t) with x̂ = x_t − t·F (consistency models).
+    JumpToData,
+}
+
+impl Prediction {
+    /// The step rules that read this output as they assume (StepRule's docs): eps rules need eps,
+    /// velocity rules (h = 0) a velocity, `jump` an average velocity over any step, `renoise` the
+    /// jump to data F(x_t, t, t).
+    pub fn rules(self) -> &'static [RuleName] {
+        use RuleName::*;
+        match self {
+            Self::Eps => &[Ddim, DdpmAncestral],
+            Self::Velocity => &[Euler, Heun, Sde],
+            Self::AverageVelocity => &[Jump, Euler, Heun, Sde, Renoise],
+            Self::JumpToData => &[Renoise],
+        }
+    }
+
+    /// Whether `rule` can sample from a network trained for this output.
+    pub fn accepts(self, rule: RuleName) -> bool {
+        self.rules().contains(&rule)
+    }
+
+    /// A short description for error messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Eps => "eps (h = 0)",
+            Self::Velocity => "the velocity at h = 0 only",
+            Self::AverageVelocity => "the average velocity over a step (h >= 0)",
+            Self::JumpToData => "the jump to data F(x_t, t, t) only",
+        }
+    }
+}
+
 /// The diffusion coefficient g(t) of [`StepRule::Sde`]. g = 0 recovers Euler on the ODE.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]

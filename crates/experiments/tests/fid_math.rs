@@ -205,8 +205,9 @@ fn write_xy(path: &Path, x: &Tensor, y: &Tensor) {
 fn fid_csv_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("run/fid.csv");
-    let row = |nfe: usize, fid: f64, kid: Option<f64>| FidRow {
+    let row = |steps: usize, nfe: Option<f64>, fid: f64, kid: Option<f64>| FidRow {
         train_step: 5000,
+        steps,
         nfe,
         cfg_scale: 1.5,
         weights: "ema".into(),
@@ -216,12 +217,13 @@ fn fid_csv_round_trip() {
         fid,
         kid,
     };
-    let rows = vec![row(1, 123.456789012345, Some(0.0123)), row(2, 45.5, None)];
+    let rows = vec![row(1, Some(2.0), 123.456789012345, Some(0.0123)), row(2, None, 45.5, None), row(3, Some(5.5), 7.25, None)];
     append_fid_csv(&path, &rows[..1]).unwrap();
     append_fid_csv(&path, &rows[1..]).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(text.lines().next().unwrap(), "train_step,nfe,cfg_scale,weights,num_samples,ref_stats,preprocess,fid,kid");
-    assert_eq!(text.lines().count(), 3, "one header, two rows:\n{text}");
+    assert_eq!(text.lines().next().unwrap(), "train_step,steps,nfe,cfg_scale,weights,num_samples,ref_stats,preprocess,fid,kid");
+    assert_eq!(text.lines().count(), 4, "one header, three rows:\n{text}");
+    assert!(text.lines().nth(1).unwrap().starts_with("5000,1,2,1.5,ema,"), "{text}");
     assert!(text.contains("\"mnist-test-10000, first\""));
     assert_eq!(read_fid_csv(&path).unwrap(), rows);
     let other = dir.path().join("other.csv");

@@ -399,7 +399,7 @@ num_images = 8
         assert!(r.fid.is_finite() && r.fid >= 0.0, "{fid}");
         assert_eq!(r.num_samples, 4);
     }
-    eprintln!("{fid}FID (4 samples vs 8 reference images): {:?}; pipeline in {:.1} s", rows.iter().map(|r| (r.nfe, r.fid)).collect::<Vec<_>>(), t0.elapsed().as_secs_f64());
+    eprintln!("{fid}FID (4 samples vs 8 reference images): {:?}; pipeline in {:.1} s", rows.iter().map(|r| (r.steps, r.fid)).collect::<Vec<_>>(), t0.elapsed().as_secs_f64());
 }
 
 /// Encode throughput of `flowmap latents` with the sd-vae-ft-mse architecture (random weights) on

@@ -22,7 +22,7 @@ fn pairs_are_the_teachers_samples_and_reflow_trains_on_them() {
     assert_eq!(Vec::<i64>::try_from(&p.class.narrow(0, 0, 12)).unwrap(), vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]);
     let (cfg, _) = load_config(&tiny, &[]).unwrap();
     let net = load_run_weights(&teacher, &cfg.model, Weights::Ema, tch::Device::Cpu).unwrap();
-    let again = cfg.sampling.generate(net.net.as_ref(), p.noise.narrow(0, 20, 4), &p.class.narrow(0, 20, 4), 2);
+    let again = cfg.sampler().unwrap().generate(net.net.as_ref(), p.noise.narrow(0, 20, 4), &p.class.narrow(0, 20, 4), 2);
     let d = (&again - p.x.narrow(0, 20, 4)).abs().max().double_value(&[]);
     assert!(d < 1e-5, "stored sample differs from the teacher's by {d}");
 

@@ -84,7 +84,7 @@ fn fid_while_training_writes_one_row_per_evaluation_and_a_fid_vs_train_step_plot
     }
     flowmap(&args);
     let rows = flowmap_experiments::eval::fid::read_fid_csv(&run.join("fid.csv")).unwrap();
-    let cells: Vec<(u64, usize)> = rows.iter().map(|r| (r.train_step, r.nfe)).collect();
+    let cells: Vec<(u64, usize)> = rows.iter().map(|r| (r.train_step, r.steps)).collect();
     assert_eq!(cells, vec![(3, 1), (3, 2), (6, 1), (6, 2)]);
     assert!(rows.iter().all(|r| r.fid.is_finite() && r.num_samples == 4));
     let plots = flowmap(&["plot", "--run", run.to_str().unwrap(), "--out", dir.path().join("plots").to_str().unwrap()]);

@@ -6,9 +6,9 @@
 //! Time: the code's t_s (noise at 0) with t2 = t_s + dt becomes t = 1 − t_s and r = t − dt; its
 //! x_{t2} + (1 − t2)·v becomes x_r − r·F.
 use crate::label_dropout::LabelDropout;
-use crate::{Batch, Loss, Nets, Objective, TargetNet};
+use crate::{Batch, DefaultSampler, Loss, Nets, Objective, TargetNet};
 use flowmap_core::time::{ConsistencyConfig, DoublingSchedule, FixedPoints};
-use flowmap_core::{per_sample, CtSchedule, GridSpacing, Guided, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, VelocityField};
+use flowmap_core::{per_sample, CtSchedule, GridSpacing, Guided, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, Prediction, RuleName, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -42,6 +42,11 @@ pub struct ConsistencyTrainingConfig {
 }
 
 impl ConsistencyTrainingConfig {
+    /// Multistep consistency sampling (methods.md §9.4); the network predicts the jump to data.
+    pub fn default_sampler(&self) -> DefaultSampler {
+        DefaultSampler { path: self.path.clone(), path_key: "objective.path", rule: RuleName::Renoise, prediction: Prediction::JumpToData }
+    }
+
     /// The Shortcut code's curriculum: uniform grid, 2^k intervals in stage k of 7 over `total_steps`.
     pub fn shortcut_code(total_steps: u64) -> Self {
         Self { path: linear(), grid: ConsistencyConfig { spacing: GridSpacing::Uniform(NoParams {}), schedule: CtSchedule::Doubling(DoublingSchedule { stages: 7, total_steps }) }, target: TargetNet::Ema, label_dropout: 0.1 }
@@ -89,6 +94,11 @@ impl Default for ConsistencyDistillationConfig {
 }
 
 impl ConsistencyDistillationConfig {
+    /// As consistency training: multistep consistency sampling of the jump to data.
+    pub fn default_sampler(&self) -> DefaultSampler {
+        DefaultSampler { path: self.path.clone(), path_key: "objective.path", rule: RuleName::Renoise, prediction: Prediction::JumpToData }
+    }
+
     pub fn build(&self) -> anyhow::Result<ConsistencyDistillation> {
         self.path.validate()?;
         let grid = PairSamplerConfig::Consistency(self.grid);

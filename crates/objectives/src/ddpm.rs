@@ -6,8 +6,8 @@
 //! the model option `t_scale = 1000`. The network output is read as ε̂ (and the variance channels).
 use crate::label_dropout::LabelDropout;
 use crate::weighting::mean_per_sample;
-use crate::{Batch, Loss, Nets, Objective};
-use flowmap_core::{per_sample, DdpmConfig, DdpmSchedule};
+use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
+use flowmap_core::{per_sample, DdpmConfig, DdpmSchedule, InterpolantConfig, Prediction, RuleName};
 use serde::{Deserialize, Serialize};
 use std::f64::consts::{LN_2, PI};
 use tch::{Device, Kind, Tensor};
@@ -49,6 +49,11 @@ impl Default for DdpmObjectiveConfig {
 }
 
 impl DdpmObjectiveConfig {
+    /// Deterministic DDIM on the discrete schedule it trains on; the network predicts eps.
+    pub fn default_sampler(&self) -> DefaultSampler {
+        DefaultSampler { path: InterpolantConfig::DdpmLinearBeta(self.schedule), path_key: "objective.schedule", rule: RuleName::Ddim, prediction: Prediction::Eps }
+    }
+
     pub fn build(&self) -> anyhow::Result<Ddpm> {
         let s = &self.schedule;
         anyhow::ensure!(s.steps >= 2, "ddpm: steps must be >= 2, got {}", s.steps);

@@ -4,8 +4,8 @@
 //! integrate towards it: t = 1 − t_lib, F = −v_lib. The Shortcut code (noise at t_s = 0) converts the
 //! same way and feeds h = 1/128 (`flow_h`), where flowmap feeds h = 0 (methods.md §4).
 use crate::label_dropout::LabelDropout;
-use crate::{Batch, Loss, Nets, Objective};
-use flowmap_core::{Interpolant, InterpolantConfig, NoParams, TimeSampler, TimeSamplerConfig, VelocityField};
+use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
+use flowmap_core::{Interpolant, InterpolantConfig, NoParams, Prediction, RuleName, TimeSampler, TimeSamplerConfig, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -29,6 +29,11 @@ impl Default for FlowMatchingConfig {
 }
 
 impl FlowMatchingConfig {
+    /// Euler on the path it trains on; the network predicts the velocity at h = `flow_h` (0 by default).
+    pub fn default_sampler(&self) -> DefaultSampler {
+        DefaultSampler { path: self.path.clone(), path_key: "objective.path", rule: RuleName::Euler, prediction: Prediction::Velocity }
+    }
+
     pub fn build(&self) -> anyhow::Result<FlowMatching> {
         self.path.validate()?;
         self.times.validate()?;

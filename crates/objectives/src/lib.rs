@@ -2,7 +2,7 @@
 //! share. Every objective implements [`Objective`]: it draws its own noise, times and label
 //! dropout from tch's global generator (which the training loop reseeds every step), builds its
 //! targets and returns a scalar loss. [`ObjectiveConfig`] selects one from TOML (`kind = "..."`).
-use flowmap_core::VelocityField;
+use flowmap_core::{InterpolantConfig, Prediction, RuleName, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -111,6 +111,18 @@ pub trait Objective: Send {
     }
 }
 
+/// How an objective's trained network is meant to be sampled: the path it trains on (a sampler
+/// must walk the same one), the rule its paper samples with, and what the output means (which
+/// decides the other rules that may read it, [`Prediction::rules`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefaultSampler {
+    pub path: InterpolantConfig,
+    /// The `[objective]` key that sets `path`, for error messages ("objective.path").
+    pub path_key: &'static str,
+    pub rule: RuleName,
+    pub prediction: Prediction,
+}
+
 /// Which network evaluates a self-generated target (always under no_grad).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -161,6 +173,21 @@ impl ObjectiveConfig {
             Self::Shortcut(c) => Box::new(c.build()?),
             Self::MeanFlow(c) => Box::new(c.build()?),
         })
+    }
+
+    /// The path, rule and output meaning the objective trains for (each objective's file says
+    /// which).
+    pub fn default_sampler(&self) -> DefaultSampler {
+        match self {
+            Self::FlowMatching(c) | Self::Reflow(c) => c.default_sampler(),
+            Self::Ddpm(c) => c.default_sampler(),
+            Self::ConsistencyTraining(c) => c.default_sampler(),
+            Self::ConsistencyDistillation(c) => c.default_sampler(),
+            Self::ProgressiveDistillation(c) => c.default_sampler(),
+            Self::LiveReflow(c) => c.default_sampler(),
+            Self::Shortcut(c) => c.default_sampler(),
+            Self::MeanFlow(c) => c.default_sampler(),
+        }
     }
 
     /// [`Self::build`] plus the objective's batch-size check (Shortcut's rows per level).

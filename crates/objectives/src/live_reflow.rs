@@ -6,8 +6,8 @@
 //! integrates x += v/8; here t = 1 − t_s, F = −s, and the rollout walks t from 1 down to 0.
 use crate::flow_matching::flow_matching_error;
 use crate::label_dropout::LabelDropout;
-use crate::{Batch, Loss, Nets, Objective};
-use flowmap_core::{Guided, Interpolant, InterpolantConfig, NoParams, TimeSampler, TimeSamplerConfig, VelocityField};
+use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
+use flowmap_core::{Guided, Interpolant, InterpolantConfig, NoParams, Prediction, RuleName, TimeSampler, TimeSamplerConfig, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -52,6 +52,11 @@ impl Default for LiveReflowConfig {
 }
 
 impl LiveReflowConfig {
+    /// Jumps (reflow rows train h = `reflow_h`, flow rows h = `flow_h`).
+    pub fn default_sampler(&self) -> DefaultSampler {
+        DefaultSampler { path: self.path.clone(), path_key: "objective.path", rule: RuleName::Jump, prediction: Prediction::AverageVelocity }
+    }
+
     pub fn build(&self) -> anyhow::Result<LiveReflow> {
         self.path.validate()?;
         self.times.validate()?;

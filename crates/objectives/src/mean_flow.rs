@@ -7,9 +7,9 @@
 use crate::jvp::{jvp, jvp_graph_free};
 use crate::label_dropout::{null_classes, DropRows, LabelDropout};
 use crate::weighting::{sum_per_sample, AdaptiveWeighting};
-use crate::{Batch, Loss, Nets, Objective};
+use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
 use flowmap_core::time::MeanFlowPairsConfig;
-use flowmap_core::{per_sample, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, VelocityField};
+use flowmap_core::{per_sample, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, Prediction, RuleName, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -99,6 +99,11 @@ impl Default for MeanFlowConfig {
 }
 
 impl MeanFlowConfig {
+    /// The MeanFlow sampler: jumps with the average velocity (methods.md §12.5).
+    pub fn default_sampler(&self) -> DefaultSampler {
+        DefaultSampler { path: self.path.clone(), path_key: "objective.path", rule: RuleName::Jump, prediction: Prediction::AverageVelocity }
+    }
+
     /// The seed's first objective: model tangent, no stop-gradient (second-order gradient).
     pub fn model_tangent_full() -> Self {
         Self { tangent: MeanFlowTangent::Model, stop_gradient: false, ..Self::default() }

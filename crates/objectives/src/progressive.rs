@@ -4,8 +4,8 @@
 //! loss mean(F(x_t, t, h, c) − sg[(u₁ + u₂)/2])², u₁ = F_φ(x_t, t, h/2), u₂ = F_φ(x_t − (h/2)·u₁, t − h/2, h/2).
 //! Time: the code's t_s = j/2^k (noise at 0) becomes t = 1 − t_s ∈ {h, …, 1}; its x + (h/2)·v is x − (h/2)·u.
 use crate::label_dropout::LabelDropout;
-use crate::{Batch, Loss, Nets, Objective};
-use flowmap_core::{Guided, Interpolant, InterpolantConfig, NoParams, VelocityField};
+use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
+use flowmap_core::{Guided, Interpolant, InterpolantConfig, NoParams, Prediction, RuleName, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -44,6 +44,11 @@ fn default_dropout() -> f64 {
 }
 
 impl ProgressiveConfig {
+    /// Jumps of the step size each stage trains (h = 2^−k).
+    pub fn default_sampler(&self) -> DefaultSampler {
+        DefaultSampler { path: self.path.clone(), path_key: "objective.path", rule: RuleName::Jump, prediction: Prediction::AverageVelocity }
+    }
+
     pub fn new(steps_per_stage: u64) -> Self {
         Self { path: linear(), stages: PD_STAGES, steps_per_stage, teacher_cfg_scale: None, clip: None, label_dropout: 0.1 }
     }

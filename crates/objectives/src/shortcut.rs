@@ -6,9 +6,9 @@
 //! + t_s·data; here t = 1 − t_s, F = −s, h = 2^−level, and x_t + (h/2)·v_b1 becomes x_t − (h/2)·u₁.
 use crate::flow_matching::flow_matching_error;
 use crate::label_dropout::{null_classes, LabelDropout};
-use crate::{Batch, Loss, Nets, Objective, TargetNet};
+use crate::{Batch, DefaultSampler, Loss, Nets, Objective, TargetNet};
 use flowmap_core::time::{DiscreteUniformConfig, DyadicSteps};
-use flowmap_core::{per_sample, Interpolant, InterpolantConfig, NoParams, PairSampler, SigmaMinConfig, TimeSampler, TimeSamplerConfig, VelocityField};
+use flowmap_core::{per_sample, Interpolant, InterpolantConfig, NoParams, PairSampler, Prediction, RuleName, SigmaMinConfig, TimeSampler, TimeSamplerConfig, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -64,6 +64,11 @@ pub struct ShortcutConfig {
 }
 
 impl ShortcutConfig {
+    /// The Shortcut sampler: jumps of the grid's step (methods.md §11.5) on the preset's (or the given) path.
+    pub fn default_sampler(&self) -> DefaultSampler {
+        DefaultSampler { path: self.path.clone(), path_key: "objective.path (default: objective.preset's)", rule: RuleName::Jump, prediction: Prediction::AverageVelocity }
+    }
+
     pub fn paper() -> Self {
         Self {
             path: InterpolantConfig::Linear(NoParams {}),

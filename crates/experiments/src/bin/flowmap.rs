@@ -54,10 +54,10 @@ fn main() -> Result<()> {
                 ev.reference.num_images = ref_images;
             }
             let steps = if steps.is_empty() { ev.steps.clone().unwrap_or(cfg.sampling.steps.clone()) } else { steps };
-            let rows = eval::evaluate_run(&run, &cfg.eval_inputs(), &ev, weights, &steps, cfg.run.device.device()?)?;
+            let rows = eval::evaluate_run(&run, &cfg.eval_inputs()?, &ev, weights, &steps, cfg.run.device.device()?)?;
             println!("steps,fid,kid");
             for r in rows {
-                println!("{},{:.3},{}", r.nfe, r.fid, r.kid.map(|k| format!("{k:.5}")).unwrap_or_default());
+                println!("{},{:.3},{}", r.steps, r.fid, r.kid.map(|k| format!("{k:.5}")).unwrap_or_default());
             }
         }
         Command::ReflowPairs { teacher, count, steps, weights, batch, out } => {

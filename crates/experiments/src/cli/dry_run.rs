@@ -46,6 +46,7 @@ pub fn dry_run(cfg: &ExperimentConfig, opts: DryRunOptions) -> Result<DryRunRepo
     let mut r = DryRunReport::default();
     cfg.validate()?;
     r.lines.push(format!("config: run {:?}, {} steps of batch {}, objective {}", cfg.run.name, cfg.run.steps, cfg.run.batch_size, crate::config::objective_kind(&cfg.objective)));
+    r.lines.push(format!("sampling: {}; step counts {:?}", cfg.sampler()?, cfg.sampling.steps));
     let net = tch::no_grad(|| cfg.model.build(Device::Cpu))?;
     r.parameters = net.num_parameters();
     r.lines.push(format!("model: {} trainable parameters, sample shape {:?}, {} classes", r.parameters, cfg.model.sample_shape(), cfg.model.num_classes()));

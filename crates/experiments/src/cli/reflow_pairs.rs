@@ -48,8 +48,9 @@ pub fn make_pairs(run: &Path, cfg: &ExperimentConfig, req: &PairsRequest, out: &
         next += n;
         c
     };
+    let sampler = cfg.sampler()?;
     rng::reseed(cfg.run.seed, 0, Stream::Eval);
-    let pairs = generate_pairs(count, batch, &cfg.model.sample_shape(), device, classes, |noise, class| cfg.sampling.generate(net.net.as_ref(), noise.shallow_clone(), class, steps), Some(out))?;
-    tracing::info!("{count} couplings ({steps} steps of {:?}) written to {}", cfg.sampling.rule, out.display());
+    let pairs = generate_pairs(count, batch, &cfg.model.sample_shape(), device, classes, |noise, class| sampler.generate(net.net.as_ref(), noise.shallow_clone(), class, steps), Some(out))?;
+    tracing::info!("{count} couplings ({steps} steps; {sampler}) written to {}", out.display());
     Ok(pairs)
 }

@@ -8,7 +8,7 @@ pub mod migrate;
 pub mod overrides;
 
 use crate::data::config::DataConfig;
-use crate::eval::sampling::{SamplingConfig, Weights};
+use crate::eval::sampling::{Sampler, SamplingConfig, Weights};
 use crate::run::device::DeviceChoice;
 use crate::run::model::ModelConfig;
 use crate::train::adamw::AdamWConfig;
@@ -190,8 +190,14 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<(ExperimentConfi
 
 impl ExperimentConfig {
     /// What an evaluation of this run reads.
-    pub fn eval_inputs(&self) -> crate::eval::evaluator::EvalInputs<'_> {
-        crate::eval::evaluator::EvalInputs { model: &self.model, data: &self.data, vae: &self.vae, sampling: &self.sampling, seed: self.run.seed }
+    pub fn eval_inputs(&self) -> Result<crate::eval::evaluator::EvalInputs<'_>> {
+        Ok(crate::eval::evaluator::EvalInputs { model: &self.model, data: &self.data, vae: &self.vae, sampler: self.sampler()?, seed: self.run.seed })
+    }
+
+    /// How this run samples: the objective's path and rule with `[sampling]`'s overrides (the
+    /// one place they are combined; errors name the disagreeing keys).
+    pub fn sampler(&self) -> Result<Sampler> {
+        self.sampling.resolve(&self.objective)
     }
 
     /// `run.out_dir/run.name`, the run directory unless the caller names another.
@@ -234,7 +240,6 @@ impl ExperimentConfig {
         let shape = self.model.sample_shape();
         let data_shape = self.data.sample_shape();
         ensure!(shape == data_shape, "the model takes samples of shape {shape:?} but {} samples are {data_shape:?} (set model.in_channels / model.input_size)", self.data.name());
-        self.sampling.validate()?;
         let objective = self.objective.build_for_batch(self.run.batch_size).with_context(|| format!("[objective] (kind = {:?}, run.batch_size = {})", objective_kind(&self.objective), self.run.batch_size))?;
         ensure!(
             !objective.needs_coupled_data() || self.data.reflow_pairs().is_some(),
@@ -242,6 +247,7 @@ impl ExperimentConfig {
             objective_kind(&self.objective)
         );
         ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", objective_kind(&self.objective));
+        self.sampler()?;
         Ok(())
     }
 }

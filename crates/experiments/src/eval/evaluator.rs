@@ -5,7 +5,7 @@ use crate::data::idx::Split;
 use crate::data::image_folder::{load_batch, ImageFolder, Layout, SkipLog};
 use crate::data::vae::VaeSection;
 use crate::eval::fid::{self, EvalSettings, FidRow, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec};
-use crate::eval::sampling::SamplingConfig;
+use crate::eval::sampling::Sampler;
 use crate::eval::sampling::Weights;
 use crate::run::model::{load_run_weights, ModelConfig};
 use crate::run::rng::{self, Stream};
@@ -172,13 +172,13 @@ fn folder_features(inception: &Inception, folder: &ImageFolder, n: usize, size: 
 
 /// What an evaluation reads from a run's config (see `ExperimentConfig::eval_inputs`): the model
 /// (sample shape, weights to load), the data (classes, reference statistics), the VAE of a latent
-/// run, the sampling rule and the seed of the evaluation noise.
-#[derive(Debug, Clone, Copy)]
+/// run, the resolved sampler and the seed of the evaluation noise.
+#[derive(Debug, Clone)]
 pub struct EvalInputs<'a> {
     pub model: &'a ModelConfig,
     pub data: &'a DataConfig,
     pub vae: &'a Option<VaeSection>,
-    pub sampling: &'a SamplingConfig,
+    pub sampler: Sampler,
     pub seed: u64,
 }
 
@@ -201,19 +201,19 @@ impl Evaluator {
         Ok(Self { inception, reference, vae, settings })
     }
 
-    /// FID (and KID) of `net` at `steps` with the run's `[sampling]` settings, appended to
-    /// `<run>/fid.csv` with `train_step`. Noise and labels are fixed by (seed, chunk), so every step
+    /// FID (and KID) of `net` at `steps` with the run's sampler, appended to `<run>/fid.csv` with
+    /// `train_step`, the step count and the NFE counted while sampling. Noise and labels are fixed by (seed, chunk), so every step
     /// count and every training step sees the same inputs and a re-evaluation gives the same numbers.
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate(&self, run_cfg: &EvalInputs, net: &dyn VelocityField, weights: Weights, train_step: u64, steps: &[usize], run: &Path, device: Device) -> Result<Vec<FidRow>> {
         check_steps(steps, "step counts")?;
-        let setting = SampleSetting { train_step, cfg_scale: run_cfg.sampling.cfg_scale, weights: weights.name().into() };
+        let setting = SampleSetting { train_step, cfg_scale: run_cfg.sampler.cfg_scale, weights: weights.name().into() };
         let shape = run_cfg.model.sample_shape();
         let num_classes = run_cfg.data.num_classes();
         let null = net.null_class();
         let mut chunk = 0u64;
         let mut last_steps = None;
-        let generate = |s: usize, n: usize| -> Result<Tensor> {
+        let generate = |s: usize, n: usize| -> Result<fid::Sampled> {
             if last_steps != Some(s) {
                 (chunk, last_steps) = (0, Some(s));
             }
@@ -222,7 +222,8 @@ impl Evaluator {
             let start = chunk as i64 * n as i64;
             let class = crate::eval::sampling::cycled_classes(n as i64, start, num_classes, null, device);
             chunk += 1;
-            Ok(crate::data::vae::to_pixels(self.vae.as_ref(), run_cfg.sampling.generate(net, noise, &class, s).to_kind(Kind::Float)))
+            let generated = run_cfg.sampler.generate_counted(net, noise, &class, s);
+            Ok(fid::Sampled { images: crate::data::vae::to_pixels(self.vae.as_ref(), generated.x.to_kind(Kind::Float)), nfe: Some(generated.nfe) })
         };
         fid::evaluate_steps(&self.inception, &self.reference, steps, &setting, &self.settings, Some(&RunDir::new(run).fid_csv()), generate)
     }

@@ -46,9 +46,9 @@ pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, devic
     let net = load_run_weights(run, &cfg.model, req.weights, device)?;
     let out = req.out.clone().unwrap_or_else(|| RunDir::new(run).samples().join("sample"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let mut sampling = cfg.sampling.clone();
+    let mut sampler = cfg.sampler()?;
     if let Some(w) = req.cfg_scale {
-        sampling.cfg_scale = w;
+        sampler.cfg_scale = w;
     }
     let num_classes = cfg.data.num_classes();
     // Latent runs are decoded with the run's VAE before they are saved.
@@ -61,7 +61,7 @@ pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, devic
             (Some(c), _) => Tensor::full([req.num], c, (Kind::Int64, device)),
             (None, k) => crate::eval::sampling::cycled_classes(req.num, 0, k, net.net.null_class(), device),
         };
-        let x = crate::data::vae::to_pixels(vae.as_ref(), sampling.generate(net.net.as_ref(), noise, &class, steps).to_kind(Kind::Float)).to_device(Device::Cpu);
+        let x = crate::data::vae::to_pixels(vae.as_ref(), sampler.generate(net.net.as_ref(), noise, &class, steps).to_kind(Kind::Float)).to_device(Device::Cpu);
         crate::eval::image_grid::save_grid(&x, &out.join(format!("steps{steps}.png")))?;
         let path = out.join(format!("steps{steps}.safetensors"));
         crate::run::atomic_file::write_atomic_to(&path, |tmp| Ok(Tensor::write_safetensors(&[("images", &x), ("class", &class.to_device(Device::Cpu))], tmp)?))?;

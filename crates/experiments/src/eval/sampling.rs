@@ -1,21 +1,15 @@
-//! `[sampling]`: how a run turns noise into samples for grids, `sample` and FID.
+//! `[sampling]`: how a run turns noise into samples for grids, `sample`, reflow pairs and FID.
+//!
+//! The objective names its sampler (the path it trains on and its paper's rule,
+//! `ObjectiveConfig::default_sampler`); `[sampling].rule` and `.path` are optional overrides,
+//! checked against it. [`SamplingConfig::resolve`] is the one place that combines the two: every
+//! caller samples through the [`Sampler`] it returns (`ExperimentConfig::sampler`).
 use anyhow::{ensure, Context, Result};
-use flowmap_core::{sample, uniform_grid, Diffusion, Guided, InterpolantConfig, NoParams, StepRule, VelocityField};
+use flowmap_core::{check_grid, sample, uniform_grid, Diffusion, Guided, InterpolantConfig, NfeCounter, RuleName, StepRule, VelocityField};
+use flowmap_objectives::ObjectiveConfig;
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use tch::{Device, Kind, Tensor};
-
-/// The step rule of core's sampler, by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RuleName {
-    Euler,
-    Heun,
-    Jump,
-    Ddim,
-    DdpmAncestral,
-    Sde,
-    Renoise,
-}
 
 /// Which weights generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
@@ -38,17 +32,23 @@ impl Weights {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplingConfig {
-    /// euler | heun | jump | ddim | ddpm_ancestral | sde | renoise
-    pub rule: RuleName,
-    /// the interpolant the model was trained on; default linear
-    #[serde(default = "default_path")]
-    pub path: InterpolantConfig,
+    /// euler | heun | jump | ddim | ddpm_ancestral | sde | renoise; default: the objective's
+    /// (flow_matching, reflow: euler; ddpm: ddim; consistency_*: renoise; the others: jump)
+    #[serde(default)]
+    pub rule: Option<RuleName>,
+    /// the interpolant; default (and the only value allowed): the one the objective trains on
+    #[serde(default)]
+    pub path: Option<InterpolantConfig>,
     /// g(t) for rule = "sde"
     #[serde(default)]
     pub diffusion: Option<Diffusion>,
     /// step counts for grids and FID; default [1, 2, 4, 8, 16]
     #[serde(default = "default_steps")]
     pub steps: Vec<usize>,
+    /// explicit times 1 = t_0 > … > t_N = 0, walked instead of the uniform grid whenever N
+    /// steps are sampled (N must be in `steps`); default none (uniform grids only)
+    #[serde(default)]
+    pub time_grid: Option<Vec<f64>>,
     /// classifier-free guidance w; 1 = none
     #[serde(default = "one")]
     pub cfg_scale: f64,
@@ -60,9 +60,6 @@ pub struct SamplingConfig {
     pub grid_images: i64,
 }
 
-fn default_path() -> InterpolantConfig {
-    InterpolantConfig::Linear(NoParams {})
-}
 fn default_steps() -> Vec<usize> {
     vec![1, 2, 4, 8, 16]
 }
@@ -73,44 +70,139 @@ fn default_grid() -> i64 {
     64
 }
 
+/// A path as one line of TOML with `kind` first (`{ kind = "vp_cosine", offset = 0.008 }`), for
+/// messages.
+fn inline(path: &InterpolantConfig) -> String {
+    match toml::Value::try_from(path) {
+        Ok(toml::Value::Table(t)) => {
+            let mut fields: Vec<(&String, &toml::Value)> = t.iter().collect();
+            fields.sort_by_key(|(k, _)| *k != "kind");
+            format!("{{ {} }}", fields.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", "))
+        }
+        _ => format!("{path:?}"),
+    }
+}
+
+fn names(rules: &[RuleName]) -> String {
+    rules.iter().map(|r| r.name()).collect::<Vec<_>>().join(", ")
+}
+
 impl SamplingConfig {
+    /// Checks of this section alone (the objective is checked in [`Self::resolve`]).
     pub fn validate(&self) -> Result<()> {
         ensure!(!self.steps.is_empty() && self.steps.iter().all(|&s| s >= 1), "sampling.steps must be a non-empty list of step counts >= 1, got {:?}", self.steps);
-        ensure!(self.rule != RuleName::Sde || self.diffusion.is_some(), "sampling.rule = \"sde\" needs sampling.diffusion (e.g. {{ kind = \"sigma\", scale = 1.0 }})");
+        ensure!(self.rule != Some(RuleName::Sde) || self.diffusion.is_some(), "sampling.rule = \"sde\" needs sampling.diffusion (e.g. {{ kind = \"sigma\", scale = 1.0 }})");
         if let Some(Diffusion::Constant(d) | Diffusion::Sigma(d)) = self.diffusion {
             ensure!(d.scale.is_finite() && d.scale >= 0.0, "sampling.diffusion.scale = {}: must be finite and >= 0", d.scale);
         }
         ensure!(self.cfg_scale.is_finite(), "sampling.cfg_scale = {}: must be a finite number (1 = no guidance)", self.cfg_scale);
         ensure!(self.grid_images >= 1, "sampling.grid_images = {}: must be >= 1", self.grid_images);
-        self.path.validate().context("sampling.path")
+        if let Some(grid) = &self.time_grid {
+            check_time_grid(grid)?;
+            let n = grid.len() - 1;
+            ensure!(self.steps.contains(&n), "sampling.time_grid has {n} steps but sampling.steps = {:?} does not include {n}: the grid is walked whenever {n} steps are sampled, so add {n} to sampling.steps", self.steps);
+        }
+        if let Some(path) = &self.path {
+            path.validate().context("sampling.path")?;
+        }
+        Ok(())
     }
 
-    pub fn step_rule(&self) -> StepRule {
-        match self.rule {
-            RuleName::Euler => StepRule::Euler,
-            RuleName::Heun => StepRule::Heun,
-            RuleName::Jump => StepRule::Jump,
-            RuleName::Ddim => StepRule::Ddim,
-            RuleName::DdpmAncestral => StepRule::DdpmAncestral,
-            RuleName::Sde => StepRule::Sde { diffusion: self.diffusion.expect("validated") },
-            RuleName::Renoise => StepRule::Renoise,
+    /// The sampler of a run training `objective`: the objective's path and rule, with this
+    /// section's overrides. A path other than the one the objective trains on, or a rule that
+    /// cannot read what the objective's network predicts, is an error naming both keys.
+    pub fn resolve(&self, objective: &ObjectiveConfig) -> Result<Sampler> {
+        self.validate()?;
+        let native = objective.default_sampler();
+        let kind = crate::config::objective_kind(objective);
+        if let Some(path) = &self.path {
+            ensure!(
+                *path == native.path,
+                "sampling.path = {} disagrees with {} (objective.kind = {kind:?}), which trains on the path {}: a model samples on the path it was trained on; leave sampling.path out (the objective's path is used) or set it to the same value",
+                inline(path),
+                native.path_key,
+                inline(&native.path)
+            );
+        }
+        let rule = self.rule.unwrap_or(native.rule);
+        ensure!(
+            native.prediction.accepts(rule),
+            "sampling.rule = {:?} cannot sample objective.kind = {kind:?}: its network predicts {}, which the rules {} read ({} by default); leave sampling.rule out or choose one of them",
+            rule.name(),
+            native.prediction.describe(),
+            names(native.prediction.rules()),
+            native.rule.name()
+        );
+        let step_rule = rule.step_rule(self.diffusion).context("sampling.rule = \"sde\" needs sampling.diffusion")?;
+        Ok(Sampler { path: native.path, rule: step_rule, cfg_scale: self.cfg_scale, time_grid: self.time_grid.clone() })
+    }
+}
+
+/// Checks an explicit `sampling.time_grid`: finite, from exactly 1 (noise) strictly down to
+/// exactly 0 (data), at least two points.
+pub fn check_time_grid(grid: &[f64]) -> Result<()> {
+    ensure!(grid.len() >= 2, "sampling.time_grid = {grid:?}: needs at least 2 times (one step), from 1.0 down to 0.0");
+    ensure!(grid.iter().all(|t| t.is_finite()), "sampling.time_grid = {grid:?}: every time must be a finite number");
+    ensure!(grid[0] == 1.0 && grid[grid.len() - 1] == 0.0, "sampling.time_grid = {grid:?}: must start at 1.0 (noise) and end at 0.0 (data)");
+    check_grid(grid).context("sampling.time_grid")
+}
+
+/// How a run generates: the path, the step rule, the guidance scale and the optional explicit
+/// time grid, resolved from the objective and `[sampling]` ([`SamplingConfig::resolve`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampler {
+    pub path: InterpolantConfig,
+    pub rule: StepRule,
+    /// classifier-free guidance w; 1 = none
+    pub cfg_scale: f64,
+    /// walked instead of the uniform grid when its number of steps is sampled
+    pub time_grid: Option<Vec<f64>>,
+}
+
+/// Samples and what they cost.
+#[derive(Debug)]
+pub struct Generated {
+    pub x: Tensor,
+    /// network evaluations per sample, counted by [`NfeCounter`] (a guided step counts 2)
+    pub nfe: f64,
+}
+
+impl Sampler {
+    /// The times of a `steps`-step sampling (`steps` >= 1, which every caller's input check
+    /// ensures): the explicit grid if it has `steps` steps, the uniform grid otherwise.
+    pub fn grid(&self, steps: usize) -> Vec<f64> {
+        match &self.time_grid {
+            Some(g) if g.len() == steps + 1 => g.clone(),
+            _ => uniform_grid(steps),
         }
     }
 
-    /// Network evaluations per step (Heun: 2; guidance doubles the batch, not the count).
-    pub fn nfe(&self, steps: usize) -> usize {
-        if self.rule == RuleName::Heun {
-            2 * steps
-        } else {
-            steps
-        }
-    }
-
-    /// Samples from `noise` (B, ...) in `steps` uniform steps, with guidance if cfg_scale != 1.
-    pub fn generate(&self, net: &dyn VelocityField, noise: Tensor, class: &Tensor, steps: usize) -> Tensor {
+    /// Samples from `noise` (B, ...) in `steps` steps (see [`Self::grid`]), with guidance if
+    /// cfg_scale != 1, and counts the network evaluations per sample.
+    pub fn generate_counted(&self, net: &dyn VelocityField, noise: Tensor, class: &Tensor, steps: usize) -> Generated {
         let path = self.path.build();
-        let guided = Guided::new(net, self.cfg_scale);
-        sample(&guided, path.as_ref(), noise, class, &uniform_grid(steps), self.step_rule())
+        let batch = noise.size()[0];
+        // The counter sits inside the guidance wrapper, so the one 2B-row guided call counts 2.
+        let counter = NfeCounter::new(net);
+        let guided = Guided::new(&counter, self.cfg_scale);
+        let x = sample(&guided, path.as_ref(), noise, class, &self.grid(steps), self.rule);
+        Generated { x, nfe: counter.nfe(batch.max(1)) }
+    }
+
+    /// [`Self::generate_counted`] without the count.
+    pub fn generate(&self, net: &dyn VelocityField, noise: Tensor, class: &Tensor, steps: usize) -> Tensor {
+        self.generate_counted(net, noise, class, steps).x
+    }
+}
+
+impl fmt::Display for Sampler {
+    /// `rule heun, path { kind = "linear" }, cfg_scale 1, grid [1.0, 0.5, 0.0] at 2 steps`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rule {}, path {}, cfg_scale {}", self.rule.name().name(), inline(&self.path), self.cfg_scale)?;
+        if let Some(g) = &self.time_grid {
+            write!(f, ", grid {g:?} at {} steps (uniform otherwise)", g.len() - 1)?;
+        }
+        Ok(())
     }
 }
 

@@ -1,5 +1,6 @@
-//! Plots: FID against the number of sampling steps (log₂ axis) for one or several runs, FID against
-//! training step, and loss curves from `metrics.jsonl`, each as PNG and SVG (ecosystem.md §6).
+//! Plots: FID against the number of sampling steps (log₂ axis; the legend notes the measured NFE
+//! where it differs from the steps) for one or several runs, FID against training step, and loss
+//! curves from `metrics.jsonl`, each as PNG and SVG (ecosystem.md §6).
 //! The CSV / JSONL files stay the source of truth; plots are re-rendered from them.
 //!
 //! Text uses DejaVu Sans, embedded (assets/DejaVuSans.ttf, Bitstream Vera licence with public-domain
@@ -150,13 +151,31 @@ fn format_number(v: f64) -> String {
     }
 }
 
+/// How the measured NFE of `(steps, nfe)` points relates to the steps, when it differs:
+/// "NFE = 2×steps" for a constant ratio, else the NFE values ("NFE 2, 5, 9"). None when every
+/// known NFE equals its step count or none is known (rows of legacy `fid.csv` files).
+pub fn nfe_note(points: &[(usize, Option<f64>)]) -> Option<String> {
+    let known: Vec<(usize, f64)> = points.iter().filter_map(|&(s, n)| Some((s, n?))).collect();
+    if known.iter().all(|&(s, n)| n == s as f64) {
+        return None;
+    }
+    let ratio = known[0].1 / known[0].0 as f64;
+    if known.iter().all(|&(s, n)| (n - ratio * s as f64).abs() < 1e-9 * n.max(1.0)) {
+        Some(format!("NFE = {}×steps", format_number(ratio)))
+    } else {
+        Some(format!("NFE {}", known.iter().map(|&(_, n)| format_number(n)).collect::<Vec<_>>().join(", ")))
+    }
+}
+
 /// One series per comparable setting of a run: rows at the run's latest `train_step`, grouped by
 /// weights, CFG scale, reference statistics, convention and sample count; the group's fields that
-/// vary are appended to the name. A repeated step count keeps its last row. Points are (nfe, fid).
-pub fn fid_vs_nfe_series(run: &str, rows: &[FidRow]) -> Vec<Series> {
+/// vary are appended to the name, and so is the measured NFE when it is not one per step
+/// ([`nfe_note`]). A repeated step count keeps its last row. Points are (steps, fid).
+pub fn fid_vs_sampling_steps_series(run: &str, rows: &[FidRow]) -> Vec<Series> {
     type Key = (String, u64, String, String, usize);
     type Part = (bool, fn(&Key) -> String);
-    let mut groups: BTreeMap<Key, (u64, BTreeMap<usize, f64>)> = BTreeMap::new();
+    type Points = BTreeMap<usize, (f64, Option<f64>)>; // steps → (fid, nfe)
+    let mut groups: BTreeMap<Key, (u64, Points)> = BTreeMap::new();
     for r in rows {
         let key = (r.weights.clone(), r.cfg_scale.to_bits(), r.ref_stats.clone(), r.preprocess.clone(), r.num_samples);
         let entry = groups.entry(key).or_insert((r.train_step, BTreeMap::new()));
@@ -164,7 +183,7 @@ pub fn fid_vs_nfe_series(run: &str, rows: &[FidRow]) -> Vec<Series> {
             *entry = (r.train_step, BTreeMap::new());
         }
         if r.train_step == entry.0 {
-            entry.1.insert(r.nfe, r.fid);
+            entry.1.insert(r.steps, (r.fid, r.nfe));
         }
     }
     let keys: Vec<&Key> = groups.keys().collect();
@@ -179,28 +198,30 @@ pub fn fid_vs_nfe_series(run: &str, rows: &[FidRow]) -> Vec<Series> {
     groups
         .iter()
         .map(|(k, (_, points))| {
-            let extra: Vec<String> = parts.iter().filter(|(v, _)| *v).map(|(_, f)| f(k)).collect();
+            let mut extra: Vec<String> = parts.iter().filter(|(v, _)| *v).map(|(_, f)| f(k)).collect();
+            extra.extend(nfe_note(&points.iter().map(|(&steps, &(_, nfe))| (steps, nfe)).collect::<Vec<_>>()));
             let name = if extra.is_empty() { run.to_string() } else { format!("{run} ({})", extra.join(", ")) };
-            Series { name, points: points.iter().map(|(&nfe, &fid)| (nfe as f64, fid)).collect() }
+            Series { name, points: points.iter().map(|(&steps, &(fid, _))| (steps as f64, fid)).collect() }
         })
         .collect()
 }
 
 /// FID against the number of sampling steps (log₂ x axis), one line per run (and per setting
-/// within a run, see [`fid_vs_nfe_series`]).
-pub fn fid_vs_nfe(runs: &[(String, Vec<FidRow>)], out_stem: &Path) -> Result<PlotFiles> {
-    let series: Vec<Series> = runs.iter().flat_map(|(name, rows)| fid_vs_nfe_series(name, rows)).collect();
+/// within a run, see [`fid_vs_sampling_steps_series`]).
+pub fn fid_vs_sampling_steps(runs: &[(String, Vec<FidRow>)], out_stem: &Path) -> Result<PlotFiles> {
+    let series: Vec<Series> = runs.iter().flat_map(|(name, rows)| fid_vs_sampling_steps_series(name, rows)).collect();
     let sample = runs.iter().flat_map(|(_, r)| r.first()).next();
     let y_label = match sample {
         Some(r) => format!("FID ({} samples, {}, {})", r.num_samples, r.ref_stats, r.preprocess),
         None => "FID".into(),
     };
-    let chart = LineChart { title: "FID vs number of steps".into(), x_label: "sampling steps (NFE)".into(), y_label, x_scale: XScale::Log2, markers: true };
+    let chart = LineChart { title: "FID vs number of sampling steps".into(), x_label: "sampling steps".into(), y_label, x_scale: XScale::Log2, markers: true };
     line_chart(&chart, &series, out_stem)
 }
 
-/// [`fid_vs_nfe`] for run directories: reads `<run>/fid.csv` and names each line by the directory.
-pub fn fid_vs_nfe_from_runs(run_dirs: &[PathBuf], out_stem: &Path) -> Result<PlotFiles> {
+/// [`fid_vs_sampling_steps`] for run directories: reads `<run>/fid.csv` and names each line by the
+/// directory.
+pub fn fid_vs_sampling_steps_from_runs(run_dirs: &[PathBuf], out_stem: &Path) -> Result<PlotFiles> {
     let runs = run_dirs
         .iter()
         .map(|dir| {
@@ -208,20 +229,21 @@ pub fn fid_vs_nfe_from_runs(run_dirs: &[PathBuf], out_stem: &Path) -> Result<Plo
             Ok((name, read_fid_csv(&dir.join("fid.csv"))?))
         })
         .collect::<Result<Vec<_>>>()?;
-    fid_vs_nfe(&runs, out_stem)
+    fid_vs_sampling_steps(&runs, out_stem)
 }
 
 /// FID against training step, one line per step count (and weights / CFG scale when they vary).
 pub fn fid_vs_step(rows: &[FidRow], out_stem: &Path) -> Result<PlotFiles> {
     let mut groups: BTreeMap<(usize, String, u64), BTreeMap<u64, f64>> = BTreeMap::new();
     for r in rows {
-        groups.entry((r.nfe, r.weights.clone(), r.cfg_scale.to_bits())).or_default().insert(r.train_step, r.fid);
+        groups.entry((r.steps, r.weights.clone(), r.cfg_scale.to_bits())).or_default().insert(r.train_step, r.fid);
     }
     let settings: std::collections::BTreeSet<_> = groups.keys().map(|k| (k.1.clone(), k.2)).collect();
     let series: Vec<Series> = groups
         .iter()
-        .map(|((nfe, w, cfg), pts)| {
-            let name = if settings.len() > 1 { format!("NFE {nfe} ({w}, cfg {})", f64::from_bits(*cfg)) } else { format!("NFE {nfe}") };
+        .map(|((steps, w, cfg), pts)| {
+            let steps = format!("{steps} step{}", if *steps == 1 { "" } else { "s" });
+            let name = if settings.len() > 1 { format!("{steps} ({w}, cfg {})", f64::from_bits(*cfg)) } else { steps };
             Series { name, points: pts.iter().map(|(&s, &f)| (s as f64, f)).collect() }
         })
         .collect();

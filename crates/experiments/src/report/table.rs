@@ -103,16 +103,17 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
         let train_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let have: Vec<FidRow> = if RunDir::new(dir).fid_csv().exists() { read_fid_csv(&RunDir::new(dir).fid_csv())? } else { vec![] };
-        let matches =
-            |r: &FidRow, s: usize| r.train_step == summary.step && r.nfe == s && r.num_samples == spec.eval.num_samples && r.weights == spec.table.weights.name() && r.preprocess == spec.eval.preprocess.name() && r.cfg_scale == cfg.sampling.cfg_scale;
+        let matches = |r: &FidRow, s: usize| {
+            r.train_step == summary.step && r.steps == s && r.num_samples == spec.eval.num_samples && r.weights == spec.table.weights.name() && r.preprocess == spec.eval.preprocess.name() && r.cfg_scale == cfg.sampling.cfg_scale
+        };
         let missing: Vec<usize> = spec.table.steps.iter().copied().filter(|&s| !have.iter().any(|r| matches(r, s))).collect();
         let mut rows: Vec<FidRow> = have.iter().filter(|r| spec.table.steps.iter().any(|&s| matches(r, s))).cloned().collect();
         if !missing.is_empty() {
             tracing::info!("== {}: FID at steps {missing:?} ({} samples each)", row.label, spec.eval.num_samples);
-            rows.extend(evaluator::evaluate_run(dir, &cfg.eval_inputs(), &spec.eval, spec.table.weights, &missing, cfg.run.device.device()?)?);
+            rows.extend(evaluator::evaluate_run(dir, &cfg.eval_inputs()?, &spec.eval, spec.table.weights, &missing, cfg.run.device.device()?)?);
         }
-        rows.sort_by_key(|r| r.nfe);
-        rows.dedup_by_key(|r| r.nfe);
+        rows.sort_by_key(|r| r.steps);
+        rows.dedup_by_key(|r| r.steps);
         timings.push((train_s, t1.elapsed().as_secs_f64()));
         results.push((row.label.clone(), rows));
     }
@@ -122,7 +123,7 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
     crate::run::atomic_file::write_atomic(&markdown_path, markdown.as_bytes())?;
     let csv_path = out.join("table.csv");
     crate::run::atomic_file::write_atomic(&csv_path, render_csv(&results).as_bytes())?;
-    let plot = crate::report::plot::fid_vs_nfe(&results, &out.join("fid_vs_steps"))?;
+    let plot = crate::report::plot::fid_vs_sampling_steps(&results, &out.join("fid_vs_steps"))?;
     let loss_runs: Vec<(String, PathBuf)> = spec.rows.iter().zip(&configs).map(|(r, (_, _, dir))| (r.label.clone(), RunDir::new(dir).metrics())).collect();
     crate::report::plot::loss_curves(&loss_runs, "loss", &out.join("loss"))?;
     Ok(TableReport { markdown, markdown_path, csv_path, plot_png: plot.png, rows: results })
@@ -145,9 +146,11 @@ fn render_markdown(spec: &TableSpec, results: &[(String, Vec<FidRow>)], timings:
     let _ = writeln!(s, " train s | eval s |");
     let _ = writeln!(s, "|---|{}---|---|", "---|".repeat(spec.table.steps.len()));
     for ((label, rows), (ts, es)) in results.iter().zip(timings) {
-        let _ = write!(s, "| {label} |");
+        // The measured NFE beside the label when it is not one evaluation per step (Heun, CFG).
+        let note = crate::report::plot::nfe_note(&rows.iter().map(|r| (r.steps, r.nfe)).collect::<Vec<_>>()).map(|n| format!(" ({n})")).unwrap_or_default();
+        let _ = write!(s, "| {label}{note} |");
         for st in &spec.table.steps {
-            match rows.iter().find(|r| r.nfe == *st) {
+            match rows.iter().find(|r| r.steps == *st) {
                 Some(r) => {
                     let _ = write!(s, " {:.1}{} |", r.fid, r.kid.map(|k| format!(" ({:.1})", k * 1e3)).unwrap_or_default());
                 }
@@ -162,10 +165,23 @@ fn render_markdown(spec: &TableSpec, results: &[(String, Vec<FidRow>)], timings:
 }
 
 fn render_csv(results: &[(String, Vec<FidRow>)]) -> String {
-    let mut s = String::from("objective,steps,fid,kid,num_samples,ref_stats,preprocess,train_step\n");
+    // `nfe` (measured; empty for rows of legacy fid.csv files) is last, after the original columns.
+    let mut s = String::from("objective,steps,fid,kid,num_samples,ref_stats,preprocess,train_step,nfe\n");
     for (label, rows) in results {
         for r in rows {
-            let _ = writeln!(s, "\"{}\",{},{},{},{},{},{},{}", label.replace('"', "\"\""), r.nfe, r.fid, r.kid.map(|k| k.to_string()).unwrap_or_default(), r.num_samples, r.ref_stats, r.preprocess, r.train_step);
+            let _ = writeln!(
+                s,
+                "\"{}\",{},{},{},{},{},{},{},{}",
+                label.replace('"', "\"\""),
+                r.steps,
+                r.fid,
+                r.kid.map(|k| k.to_string()).unwrap_or_default(),
+                r.num_samples,
+                r.ref_stats,
+                r.preprocess,
+                r.train_step,
+                r.nfe.map(|n| n.to_string()).unwrap_or_default()
+            );
         }
     }
     s
@@ -177,7 +193,7 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let with_fid: Vec<PathBuf> = runs.iter().filter(|r| RunDir::new(r).fid_csv().exists()).cloned().collect();
     if !with_fid.is_empty() {
-        let p = crate::report::plot::fid_vs_nfe_from_runs(&with_fid, &out.join("fid_vs_steps"))?;
+        let p = crate::report::plot::fid_vs_sampling_steps_from_runs(&with_fid, &out.join("fid_vs_steps"))?;
         files.extend([p.png, p.svg]);
     }
     // Runs evaluated while training (`eval.every`): FID against the training step, one line per step count.

@@ -10,7 +10,7 @@ use crate::config::{ExperimentConfig, NonFinite};
 use crate::data::loader::Order;
 use crate::data::source::DataSource;
 use crate::eval::evaluator::Evaluator;
-use crate::eval::sampling::{fixed_inputs, SamplingConfig, Weights};
+use crate::eval::sampling::{fixed_inputs, Sampler, Weights};
 use crate::run::checkpoint::{Checkpoint, CheckpointContents, CheckpointDir};
 use crate::run::file_lock::FileLock;
 use crate::run::model::{load_run_weights, load_vars, named_vars, Net};
@@ -358,6 +358,8 @@ impl Trainer {
         };
         let null_class = self.online.net.null_class();
         let (grid_noise, grid_class) = fixed_inputs(cfg.run.seed, cfg.sampling.grid_images, &cfg.model.sample_shape(), cfg.data.num_classes(), null_class, self.device);
+        let sampler = cfg.sampler()?;
+        let eval_inputs = cfg.eval_inputs()?;
         let mut progress = Progress::new(self.state.step, total, &cfg.run.name);
         let mut evaluator: Option<Evaluator> = None;
         let mut last_log = (Instant::now(), self.state.step);
@@ -384,7 +386,7 @@ impl Trainer {
             progress.tick(step, logged.map(|l| l.0), logged.map(|l| l.1));
 
             if grids.due(step, total) {
-                write_grids(&cfg.sampling, self.sampling_net(), &grid_noise, &grid_class, &self.run, step, &mut tb, grid_vae.as_ref())?;
+                write_grids(&sampler, &cfg.sampling.steps, self.sampling_net(), &grid_noise, &grid_class, &self.run, step, &mut tb, grid_vae.as_ref())?;
                 progress.pause_done();
             }
             if checkpoints.due(step, total) {
@@ -397,11 +399,11 @@ impl Trainer {
             if let (Some(ev), true) = (&cfg.eval, evals.is_some_and(|c| c.due(step, total))) {
                 let evaluator = match &evaluator {
                     Some(e) => e,
-                    None => evaluator.insert(Evaluator::new(&cfg.eval_inputs(), ev, self.device)?),
+                    None => evaluator.insert(Evaluator::new(&eval_inputs, ev, self.device)?),
                 };
                 let steps = ev.steps.clone().unwrap_or_else(|| cfg.sampling.steps.clone());
-                for r in evaluator.evaluate(&cfg.eval_inputs(), self.sampling_net(), cfg.sampling.weights, step, &steps, &self.run.root, self.device)? {
-                    tb.scalar(&format!("fid/steps{}", r.nfe), r.fid as f32, step as i64)?;
+                for r in evaluator.evaluate(&eval_inputs, self.sampling_net(), cfg.sampling.weights, step, &steps, &self.run.root, self.device)? {
+                    tb.scalar(&format!("fid/steps{}", r.steps), r.fid as f32, step as i64)?;
                 }
                 progress.pause_done();
             }
@@ -440,9 +442,9 @@ impl Trainer {
 
 /// Sample grids at every configured step count: `samples/step_XXXXXXX_stepsN.png` and TensorBoard.
 #[allow(clippy::too_many_arguments)]
-pub fn write_grids(cfg: &SamplingConfig, net: &dyn VelocityField, noise: &Tensor, class: &Tensor, run: &RunDir, step: u64, tb: &mut EventWriter, vae: Option<&flowmap_models::vae::Vae>) -> Result<()> {
-    for &steps in &cfg.steps {
-        let x = crate::data::vae::to_pixels(vae, cfg.generate(net, noise.shallow_clone(), class, steps).to_kind(Kind::Float));
+pub fn write_grids(sampler: &Sampler, step_counts: &[usize], net: &dyn VelocityField, noise: &Tensor, class: &Tensor, run: &RunDir, step: u64, tb: &mut EventWriter, vae: Option<&flowmap_models::vae::Vae>) -> Result<()> {
+    for &steps in step_counts {
+        let x = crate::data::vae::to_pixels(vae, sampler.generate(net, noise.shallow_clone(), class, steps).to_kind(Kind::Float));
         let path = run.samples().join(format!("step_{step:07}_steps{steps}.png"));
         crate::eval::image_grid::save_grid(&x, &path)?;
         let (png, h, w, c) = crate::eval::image_grid::grid_png(&x)?;

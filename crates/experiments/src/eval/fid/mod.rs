@@ -5,7 +5,8 @@
 //! * [`FeatureStats`] / [`GaussianStats`] / [`frechet_distance`]: float64 statistics and distance.
 //! * [`kernel_inception_distance`]: unbiased KID over subsets.
 //! * [`Reference`]: statistics of a data split (cached by [`stats_cache_key`]) or of an `.npz`.
-//! * [`evaluate_steps`]: FID (and KID) at a list of step counts in one call, appended to `fid.csv`.
+//! * [`evaluate_steps`]: FID (and KID) at a list of step counts in one call, appended to `fid.csv`
+//!   with the step count and the measured NFE.
 use anyhow::{bail, ensure, Context, Result};
 use std::io::Write;
 use std::path::Path;
@@ -22,14 +23,22 @@ pub use reference::{cached_reference, default_cache_dir, stats_cache_key, tensor
 pub use stats::{frechet_distance, FeatureStats, GaussianStats};
 
 /// Column names of `fid.csv`, in order (long format: one row per evaluation).
-pub const FID_CSV_HEADER: [&str; 9] = ["train_step", "nfe", "cfg_scale", "weights", "num_samples", "ref_stats", "preprocess", "fid", "kid"];
+pub const FID_CSV_HEADER: [&str; 10] = ["train_step", "steps", "nfe", "cfg_scale", "weights", "num_samples", "ref_stats", "preprocess", "fid", "kid"];
+
+/// The header of `fid.csv` files written before the `steps` column existed. Their `nfe` column
+/// held the number of sampling steps (not a count of network evaluations), so it is read as
+/// `steps` with an unknown NFE, and an append rewrites such a file in the current format first.
+pub const LEGACY_FID_CSV_HEADER: [&str; 9] = ["train_step", "nfe", "cfg_scale", "weights", "num_samples", "ref_stats", "preprocess", "fid", "kid"];
 
 /// One evaluation: one row of `fid.csv`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FidRow {
     pub train_step: u64,
-    /// Number of function evaluations (sampling steps) of the sampler.
-    pub nfe: usize,
+    /// Sampling steps (grid intervals).
+    pub steps: usize,
+    /// Network evaluations per sample, measured while sampling (Heun and guidance cost more than
+    /// one per step); None for rows of a legacy file or a generator that does not count.
+    pub nfe: Option<f64>,
     pub cfg_scale: f64,
     /// `ema` or `online`.
     pub weights: String,
@@ -65,6 +74,21 @@ impl EvalSettings {
     }
 }
 
+/// One batch a FID generator returns: images in [−1, 1] (n, C, H, W) and, when the generator
+/// counts them, the network evaluations per image that made them.
+#[derive(Debug)]
+pub struct Sampled {
+    pub images: Tensor,
+    pub nfe: Option<f64>,
+}
+
+impl From<Tensor> for Sampled {
+    /// Images whose cost is not known.
+    fn from(images: Tensor) -> Self {
+        Self { images, nfe: None }
+    }
+}
+
 /// FID and (optionally) KID of one sample set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Score {
@@ -97,37 +121,43 @@ fn check_convention(inception: &Inception, reference: &Reference) -> Result<()> 
     Ok(())
 }
 
-/// Evaluates FID (and KID, see [`score_features`]) at every step count in `nfes`.
+/// Evaluates FID (and KID, see [`score_features`]) at every step count in `step_counts`.
 ///
-/// `generate(nfe, n)` returns n images (n, C, H, W) in [−1, 1] sampled with `nfe` steps. It is
-/// called repeatedly with n ≤ `settings.generate_batch` until `settings.num_samples` images are
-/// made for that step count (keep fixed seeds and labels inside the closure). When `csv` is given,
-/// each row is appended to it as soon as it is computed (the header is written to a new file and
-/// checked on an existing one). Returns the rows in the order of `nfes`.
-pub fn evaluate_steps<G>(inception: &Inception, reference: &Reference, nfes: &[usize], sample: &SampleSetting, settings: &EvalSettings, csv: Option<&Path>, mut generate: G) -> Result<Vec<FidRow>>
+/// `generate(steps, n)` returns n images (n, C, H, W) in [−1, 1] sampled with `steps` steps, as a
+/// tensor or as [`Sampled`] with the NFE it measured. It is called repeatedly with
+/// n ≤ `settings.generate_batch` until `settings.num_samples` images are made for that step count
+/// (keep fixed seeds and labels inside the closure). A row's `nfe` is the mean over its images
+/// (None unless every call measured it). When `csv` is given, each row is appended to it as soon
+/// as it is computed (the header is written to a new file and checked on an existing one).
+/// Returns the rows in the order of `step_counts`.
+pub fn evaluate_steps<G, S>(inception: &Inception, reference: &Reference, step_counts: &[usize], sample: &SampleSetting, settings: &EvalSettings, csv: Option<&Path>, mut generate: G) -> Result<Vec<FidRow>>
 where
-    G: FnMut(usize, usize) -> Result<Tensor>,
+    G: FnMut(usize, usize) -> Result<S>,
+    S: Into<Sampled>,
 {
     check_convention(inception, reference)?;
     ensure!(settings.num_samples >= 2, "FID needs at least 2 samples, got {}", settings.num_samples);
     ensure!(settings.generate_batch >= 1, "generate_batch must be at least 1");
-    let mut rows = Vec::with_capacity(nfes.len());
+    let mut rows = Vec::with_capacity(step_counts.len());
     // The reference side of KID is the same for every step count: prepared once.
     let kid_reference = match (&settings.kid, &reference.features) {
         (Some(kid), Some(ref_features)) => Some(KidReference::new(ref_features, settings.num_samples, kid)?),
         _ => None,
     };
-    for &nfe in nfes {
+    for &steps in step_counts {
         let start = std::time::Instant::now();
         // Keep the features only when KID will use them; FID needs just the running sums.
         let keep = kid_reference.is_some();
         let mut stats = FeatureStats::new(FEATURE_DIM);
         let mut chunks = Vec::new();
         let mut done = 0;
+        // Σ nfe·n over the calls; None once a call does not count.
+        let mut evaluations = Some(0.0);
         while done < settings.num_samples {
             let n = settings.generate_batch.min(settings.num_samples - done);
-            let images = generate(nfe, n).with_context(|| format!("generating {n} images with {nfe} steps"))?;
-            ensure!(images.dim() == 4 && images.size()[0] == n as i64, "generate({nfe}, {n}) returned shape {:?}, expected ({n}, C, H, W)", images.size());
+            let Sampled { images, nfe } = generate(steps, n).with_context(|| format!("generating {n} images with {steps} steps"))?.into();
+            ensure!(images.dim() == 4 && images.size()[0] == n as i64, "generate({steps}, {n}) returned shape {:?}, expected ({n}, C, H, W)", images.size());
+            evaluations = evaluations.zip(nfe).map(|(sum, nfe)| sum + nfe * n as f64);
             let features = inception.features(&images)?;
             stats.update(&features)?;
             if keep {
@@ -141,7 +171,9 @@ where
             None => None,
         };
         let score = Score { fid, kid };
+        let nfe = evaluations.map(|sum| sum / settings.num_samples as f64);
         tracing::info!(
+            steps,
             nfe,
             fid = score.fid,
             kid = ?score.kid.map(|k| k.mean),
@@ -151,6 +183,7 @@ where
         );
         let row = FidRow {
             train_step: sample.train_step,
+            steps,
             nfe,
             cfg_scale: sample.cfg_scale,
             weights: sample.weights.clone(),
@@ -177,14 +210,23 @@ fn csv_field(s: &str) -> String {
 }
 
 /// Appends rows to a `fid.csv`, writing the header when the file is new or empty and refusing a
-/// file whose header differs. Concurrent writers (two `flowmap fid` on one run, an in-training
-/// evaluation) take turns on `<path>.lock`, so the header is written once and rows never interleave.
+/// file whose header differs. A legacy file ([`LEGACY_FID_CSV_HEADER`]) is first rewritten in the
+/// current format (its rows keep their values, with `steps` from the old `nfe` column and an empty
+/// `nfe`). Concurrent writers (two `flowmap fid` on one run, an in-training evaluation) take turns
+/// on `<path>.lock`, so the header is written once and rows never interleave.
 pub fn append_fid_csv(path: &Path, rows: &[FidRow]) -> Result<()> {
     let _lock = crate::run::file_lock::FileLock::acquire(&path.with_extension("csv.lock"), &format!("appending to {}", path.display()))?;
     let header = FID_CSV_HEADER.join(",");
-    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let mut existing = std::fs::read_to_string(path).unwrap_or_default();
     if let Some(first) = existing.lines().next() {
-        ensure!(first.trim_end() == header, "{} has header `{first}`, expected `{header}`; not appending", path.display());
+        if first.trim_end() == LEGACY_FID_CSV_HEADER.join(",") {
+            let old = read_fid_csv(path).with_context(|| format!("{} has the legacy header (no `steps` column) and could not be read to upgrade it", path.display()))?;
+            existing = format!("{header}\n{}", old.iter().map(fid_csv_line).collect::<String>());
+            crate::run::atomic_file::write_atomic(path, existing.as_bytes()).with_context(|| format!("rewriting {} with the `steps` column", path.display()))?;
+            tracing::info!("{}: rewrote {} legacy rows with a `steps` column (their old `nfe` held the step count)", path.display(), old.len());
+        } else {
+            ensure!(first.trim_end() == header, "{} has header `{first}`, expected `{header}`; not appending", path.display());
+        }
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -197,14 +239,18 @@ pub fn append_fid_csv(path: &Path, rows: &[FidRow]) -> Result<()> {
         out.push('\n');
     }
     for r in rows {
-        let kid = r.kid.map(|k| k.to_string()).unwrap_or_default();
-        let fields = [r.train_step.to_string(), r.nfe.to_string(), r.cfg_scale.to_string(), csv_field(&r.weights), r.num_samples.to_string(), csv_field(&r.ref_stats), csv_field(&r.preprocess), r.fid.to_string(), kid];
-        out.push_str(&fields.join(","));
-        out.push('\n');
+        out.push_str(&fid_csv_line(r));
     }
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
     f.write_all(out.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// One `fid.csv` record in [`FID_CSV_HEADER`] order, with its line break.
+fn fid_csv_line(r: &FidRow) -> String {
+    let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    let fields = [r.train_step.to_string(), r.steps.to_string(), opt(r.nfe), r.cfg_scale.to_string(), csv_field(&r.weights), r.num_samples.to_string(), csv_field(&r.ref_stats), csv_field(&r.preprocess), r.fid.to_string(), opt(r.kid)];
+    fields.join(",") + "\n"
 }
 
 /// Splits CSV text into records of fields (RFC 4180 quoting; no quoted line breaks needed here,
@@ -251,7 +297,13 @@ pub fn read_fid_csv(path: &Path) -> Result<Vec<FidRow>> {
     };
     let col = |name: &str| header.iter().position(|h| h.trim() == name);
     let need = |name: &str| col(name).with_context(|| format!("{} has no `{name}` column", path.display()));
-    let (i_step, i_nfe, i_cfg, i_w, i_n, i_ref, i_pre, i_fid) = (need("train_step")?, need("nfe")?, need("cfg_scale")?, need("weights")?, need("num_samples")?, need("ref_stats")?, need("preprocess")?, need("fid")?);
+    let (i_step, i_cfg, i_w, i_n, i_ref, i_pre, i_fid) = (need("train_step")?, need("cfg_scale")?, need("weights")?, need("num_samples")?, need("ref_stats")?, need("preprocess")?, need("fid")?);
+    // Legacy files (LEGACY_FID_CSV_HEADER) have no `steps` column and their `nfe` column holds the
+    // step count: read it as `steps`, with the NFE unknown.
+    let (i_steps, i_nfe) = match col("steps") {
+        Some(i) => (i, col("nfe")),
+        None => (need("nfe").with_context(|| format!("{} has neither a `steps` column nor a legacy `nfe` column", path.display()))?, None),
+    };
     let i_kid = col("kid");
     body.iter()
         .enumerate()
@@ -259,13 +311,17 @@ pub fn read_fid_csv(path: &Path) -> Result<Vec<FidRow>> {
             let get = |i: usize| r.get(i).map(|s| s.trim()).with_context(|| format!("{} line {}: too few fields", path.display(), line + 2));
             let num = |i: usize| -> Result<f64> { get(i)?.parse::<f64>().with_context(|| format!("{} line {}: `{}` is not a number", path.display(), line + 2, r[i])) };
             let int = |i: usize| -> Result<u64> { get(i)?.parse::<u64>().with_context(|| format!("{} line {}: `{}` is not an integer", path.display(), line + 2, r[i])) };
-            let kid = match i_kid.and_then(|i| r.get(i)).map(|s| s.trim()) {
-                None | Some("") => None,
-                Some(_) => Some(num(i_kid.expect("checked"))?),
+            let optional = |i: Option<usize>| -> Result<Option<f64>> {
+                match i.and_then(|i| r.get(i)).map(|s| s.trim()) {
+                    None | Some("") => Ok(None),
+                    Some(_) => Ok(Some(num(i.expect("checked"))?)),
+                }
             };
+            let kid = optional(i_kid)?;
             Ok(FidRow {
                 train_step: int(i_step)?,
-                nfe: int(i_nfe)? as usize,
+                steps: int(i_steps)? as usize,
+                nfe: optional(i_nfe)?,
                 cfg_scale: num(i_cfg)?,
                 weights: get(i_w)?.to_string(),
                 num_samples: int(i_n)? as usize,
