@@ -175,3 +175,17 @@ fn a_guided_heun_runs_fid_csv_shows_the_measured_nfe() {
     let rows = flowmap_experiments::eval::fid::read_fid_csv(&run.join("fid.csv")).unwrap();
     assert_eq!((rows[2].steps, rows[2].nfe), (2, Some(8.0)));
 }
+
+#[test]
+fn a_resume_compares_the_sampler_in_use_not_how_it_was_written() {
+    use flowmap_experiments::config::change::differences;
+    let dir = tempfile::tempdir().unwrap();
+    let (written, implied) = (load(&tiny(), &[]).unwrap(), load(&tiny_without_rule(dir.path()), &[]).unwrap());
+    assert_eq!(written.sampling.rule.map(|r| format!("{r:?}")), Some("Euler".into()));
+    assert!(implied.sampling.rule.is_none());
+    assert!(differences(&written, &implied).unwrap().is_empty(), "rule = \"euler\" written out and left to flow matching's default are the same sampler");
+    let heun = load(&tiny(), &["sampling.rule=heun"]).unwrap();
+    let changes = differences(&implied, &heun).unwrap();
+    assert_eq!(changes.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(), vec!["sampling.rule"], "{changes:?}");
+    assert_eq!((changes[0].old.as_deref(), changes[0].new.as_deref()), (Some("\"euler\""), Some("\"heun\"")));
+}

@@ -2,7 +2,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use flowmap_experiments::cli::{Cli, Command};
-use flowmap_experiments::eval::{evaluator as eval, sample_export as sample};
+use flowmap_experiments::eval::{evaluator, fid, sample_export};
 use flowmap_experiments::report::table;
 use flowmap_experiments::run::run_dir;
 use flowmap_experiments::train;
@@ -34,18 +34,18 @@ fn main() -> Result<()> {
         }
         Command::Sample { run, steps, num, weights, cfg_scale, class, seed, out } => {
             let cfg = read_run_config(&run)?;
-            let req = sample::SampleRequest { steps, num, weights, cfg_scale, class, seed, out };
-            let out = sample::sample_run(&run, &cfg, &req, cfg.run.device.device()?)?;
+            let req = sample_export::SampleRequest { steps, num, weights, cfg_scale, class, seed, out };
+            let out = sample_export::sample_run(&run, &cfg, &req, cfg.run.device.device()?)?;
             println!("samples in {}", out.display());
         }
         Command::Fid { run, steps, num_samples, weights, tf, ref_npz, ref_images } => {
             let cfg = read_run_config(&run)?;
-            let mut ev = cfg.eval.clone().unwrap_or(eval::EvalConfig { num_samples: 1000, steps: None, reference: Default::default(), preprocess: Default::default(), kid: true, batch: 100, every: 0 });
+            let mut ev = cfg.eval.clone().unwrap_or(evaluator::EvalConfig { num_samples: 1000, steps: None, reference: Default::default(), preprocess: Default::default(), kid: true, batch: 100, every: 0 });
             if let Some(n) = num_samples {
                 ev.num_samples = n;
             }
             if tf {
-                ev.preprocess = flowmap_experiments::eval::fid::Preprocess::Tf;
+                ev.preprocess = fid::Preprocess::Tf;
             }
             if ref_npz.is_some() {
                 ev.reference.npz = ref_npz;
@@ -54,7 +54,7 @@ fn main() -> Result<()> {
                 ev.reference.num_images = ref_images;
             }
             let steps = if steps.is_empty() { ev.steps.clone().unwrap_or(cfg.sampling.steps.clone()) } else { steps };
-            let rows = eval::evaluate_run(&run, &cfg.eval_inputs()?, &ev, weights, &steps, cfg.run.device.device()?)?;
+            let rows = evaluator::evaluate_run(&run, &cfg.eval_inputs()?, &ev, weights, &steps, cfg.run.device.device()?)?;
             println!("steps,fid,kid");
             for r in rows {
                 println!("{},{:.3},{}", r.steps, r.fid, r.kid.map(|k| format!("{k:.5}")).unwrap_or_default());

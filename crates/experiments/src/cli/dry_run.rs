@@ -45,13 +45,10 @@ pub struct DryRunOptions {
 pub fn dry_run(cfg: &ExperimentConfig, opts: DryRunOptions) -> Result<DryRunReport> {
     let mut r = DryRunReport::default();
     cfg.validate()?;
-    r.lines.push(format!("config: run {:?}, {} steps of batch {}, objective {}", cfg.run.name, cfg.run.steps, cfg.run.batch_size, crate::config::objective_kind(&cfg.objective)));
+    r.lines.push(format!("config: run {:?}, {} steps of batch {}, objective {}", cfg.run.name, cfg.run.steps, cfg.run.batch_size, cfg.objective.kind()));
     r.lines.push(format!("sampling: {}; step counts {:?}", cfg.sampler()?, cfg.sampling.steps));
-    let net = tch::no_grad(|| cfg.model.build(Device::Cpu))?;
-    r.parameters = net.num_parameters();
-    r.lines.push(format!("model: {} trainable parameters, sample shape {:?}, {} classes", r.parameters, cfg.model.sample_shape(), cfg.model.num_classes()));
-    let null = net.net.null_class();
-    let mut data = cfg.data.open(null, cfg.run.seed, true).context("opening the data")?;
+    // The data first: a missing data set fails in milliseconds, before an XL model is built.
+    let mut data = cfg.data.open(cfg.model.null_class(), cfg.run.seed, true).context("opening the data")?;
     r.data_len = data.len();
     r.data_classes = data.num_classes();
     r.lines.push(format!("data: {}", data.describe()));
@@ -71,6 +68,10 @@ pub fn dry_run(cfg: &ExperimentConfig, opts: DryRunOptions) -> Result<DryRunRepo
     if data.skipped() > 0 {
         r.warnings.push(format!("{} unreadable image files in the first batch (skipped)", data.skipped()));
     }
+    let net = tch::no_grad(|| cfg.model.build(Device::Cpu))?;
+    ensure!(net.net.null_class() == cfg.model.null_class(), "the built model's null class {} differs from [model]'s {}", net.net.null_class(), cfg.model.null_class());
+    r.parameters = net.num_parameters();
+    r.lines.push(format!("model: {} trainable parameters, sample shape {:?}, {} classes", r.parameters, cfg.model.sample_shape(), cfg.model.num_classes()));
     if let Some(v) = crate::data::vae::for_run(&cfg.vae, &cfg.data) {
         let (line, warn) = v.check(&cfg.data)?;
         r.lines.push(line);

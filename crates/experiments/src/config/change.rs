@@ -1,7 +1,7 @@
 //! Resuming a run with a config that differs from the one it was started with.
 //!
 //! A resume compares the new config with the run's `config.toml`, both with every default filled
-//! in. Keys that cannot change the trained weights (where logs and checkpoints go and how often,
+//! in (a sampling rule or path left out is the objective's own). Keys that cannot change the trained weights (where logs and checkpoints go and how often,
 //! threads, device, the `[eval]` section, the grid size) may differ freely. Any other difference is
 //! refused with the list of keys, unless `--allow-config-change` is given; then the old file is
 //! kept as `config.step_XXXXXXXX.toml`, the new one becomes `config.toml`, and the change is
@@ -45,8 +45,13 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>
 }
 
 fn flat(cfg: &ExperimentConfig) -> Result<BTreeMap<String, String>> {
+    // `[sampling].rule`/`.path` left out mean the objective's own: compare what is used.
+    let mut cfg = cfg.clone();
+    let native = cfg.objective.default_sampler();
+    cfg.sampling.rule.get_or_insert(native.rule);
+    cfg.sampling.path.get_or_insert(native.path);
     let mut out = BTreeMap::new();
-    flatten("", &toml::Value::try_from(cfg).context("serialising the config")?, &mut out);
+    flatten("", &toml::Value::try_from(&cfg).context("serialising the config")?, &mut out);
     Ok(out)
 }
 

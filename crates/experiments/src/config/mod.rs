@@ -240,19 +240,14 @@ impl ExperimentConfig {
         let shape = self.model.sample_shape();
         let data_shape = self.data.sample_shape();
         ensure!(shape == data_shape, "the model takes samples of shape {shape:?} but {} samples are {data_shape:?} (set model.in_channels / model.input_size)", self.data.name());
-        let objective = self.objective.build_for_batch(self.run.batch_size).with_context(|| format!("[objective] (kind = {:?}, run.batch_size = {})", objective_kind(&self.objective), self.run.batch_size))?;
+        let objective = self.objective.build_for_batch(self.run.batch_size).with_context(|| format!("[objective] (kind = {:?}, run.batch_size = {})", self.objective.kind(), self.run.batch_size))?;
         ensure!(
             !objective.needs_coupled_data() || self.data.reflow_pairs().is_some(),
             "objective.kind = {:?} trains on stored (noise, sample) pairs: set data.reflow_pairs to a file made by `flowmap reflow-pairs --teacher RUN`",
-            objective_kind(&self.objective)
+            self.objective.kind()
         );
-        ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", objective_kind(&self.objective));
+        ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", self.objective.kind());
         self.sampler()?;
         Ok(())
     }
-}
-
-/// The `kind` string of an objective config.
-pub fn objective_kind(cfg: &ObjectiveConfig) -> &'static str {
-    cfg.kind()
 }

@@ -59,6 +59,7 @@ pub fn save_pairs(pairs: &Pairs, path: &Path) -> Result<()> {
 
 /// Reads couplings written by [`save_pairs`], checking names and shapes (errors name the file).
 pub fn load_pairs(path: &Path) -> Result<Pairs> {
+    ensure!(path.is_file(), "{}: no such file (make the reflow pairs first: `flowmap reflow-pairs --teacher RUN --count N --out {}`)", path.display(), path.display());
     let named = Tensor::read_safetensors(path).with_context(|| format!("reading reflow pairs from {}", path.display()))?;
     let take = |key: &str| -> Result<Tensor> { named.iter().find(|(k, _)| k == key).map(|(_, t)| t.shallow_clone()).with_context(|| format!("{}: no tensor named {key:?}", path.display())) };
     let pairs = Pairs { noise: take(NOISE_KEY)?, x: take(SAMPLE_KEY)?, class: take(CLASS_KEY)? };

@@ -114,7 +114,7 @@ impl SamplingConfig {
     pub fn resolve(&self, objective: &ObjectiveConfig) -> Result<Sampler> {
         self.validate()?;
         let native = objective.default_sampler();
-        let kind = crate::config::objective_kind(objective);
+        let kind = objective.kind();
         if let Some(path) = &self.path {
             ensure!(
                 *path == native.path,

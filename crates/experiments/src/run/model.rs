@@ -22,6 +22,12 @@ impl ModelConfig {
         }
     }
 
+    /// The class index that means "no class" (unconditional rows, guidance's null half): the
+    /// extra embedding row after the real classes, as the built network's `null_class()`.
+    pub fn null_class(&self) -> i64 {
+        self.num_classes()
+    }
+
     /// Range checks of the architecture (before anything is built).
     pub fn validate(&self) -> Result<()> {
         match self {
