@@ -90,7 +90,17 @@ impl LiveReflowConfig {
         anyhow::ensure!((0.0..=1.0).contains(&self.flow_h) && (0.0..=1.0).contains(&self.reflow_h), "flow_h and reflow_h must be in [0, 1]");
         let dropout = LabelDropout::new(self.label_dropout);
         dropout.validate()?;
-        Ok(LiveReflow { path: self.path.build(), times: self.times.build(), reflow_fraction: self.reflow_fraction, rollout_steps: self.rollout_steps, rollout_cfg_scale: self.rollout_cfg_scale, flow_h: self.flow_h, reflow_h: self.reflow_h, dropout, reflow_target: self.reflow_target })
+        Ok(LiveReflow {
+            path: self.path.build(),
+            times: self.times.build(),
+            reflow_fraction: self.reflow_fraction,
+            rollout_steps: self.rollout_steps,
+            rollout_cfg_scale: self.rollout_cfg_scale,
+            flow_h: self.flow_h,
+            reflow_h: self.reflow_h,
+            dropout,
+            reflow_target: self.reflow_target,
+        })
     }
 }
 
