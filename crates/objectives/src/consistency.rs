@@ -5,10 +5,17 @@
 //! x̃_r is the same (x, ε) at r (training) or one teacher Euler step from x_t (distillation).
 //! Time: the code's t_s (noise at 0) with t2 = t_s + dt becomes t = 1 − t_s and r = t − dt; its
 //! x_{t2} + (1 − t2)·v becomes x_r − r·F.
+//!
+//! Settings of the Shortcut code that its paper does not state, each an option here (the paper
+//! configs under experiments/paper/ set them): the sigma_min = 10⁻⁵ path (`path`,
+//! `targets_consistency_{training,distillation}.py` L26–27 / L21); consistency training's
+//! curriculum reading the update count from 1 (`count_steps_from = 1`: `TrainStateEma.create`
+//! starts `step` at 1, `utils/train_state.py` L35, and the targets read it before the update
+//! increments it, `targets_consistency_training.py` L11, `train.py` L264).
 use crate::label_dropout::LabelDropout;
 use crate::{Batch, DefaultSampler, Loss, Nets, Objective, TargetNet};
 use flowmap_core::time::{ConsistencyConfig, DoublingSchedule, FixedPoints};
-use flowmap_core::{per_sample, CtSchedule, GridSpacing, Guided, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, Prediction, RuleName, VelocityField};
+use flowmap_core::{per_sample, CtSchedule, GridSpacing, Guided, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, Prediction, RuleName, SigmaMinConfig, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -28,7 +35,7 @@ fn cd_grid() -> ConsistencyConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsistencyTrainingConfig {
-    /// default linear
+    /// default linear; Shortcut code: linear_sigma_min (1e-5)
     #[serde(default = "linear")]
     pub path: InterpolantConfig,
     /// spacing + curriculum; Shortcut code: uniform, doubling with stages = 7 over the run; required
@@ -39,6 +46,9 @@ pub struct ConsistencyTrainingConfig {
     /// default 0.1 (the Shortcut code drops none here)
     #[serde(default = "default_dropout")]
     pub label_dropout: f64,
+    /// the curriculum reads step + count_steps_from (0 or 1); default 0; code: 1 (`utils/train_state.py` L35)
+    #[serde(default)]
+    pub count_steps_from: u64,
 }
 
 impl ConsistencyTrainingConfig {
@@ -47,9 +57,16 @@ impl ConsistencyTrainingConfig {
         DefaultSampler { path: self.path.clone(), path_key: "objective.path", rule: RuleName::Renoise, prediction: Prediction::JumpToData }
     }
 
-    /// The Shortcut code's curriculum: uniform grid, 2^k intervals in stage k of 7 over `total_steps`.
+    /// The Shortcut code's settings: the sigma_min = 10⁻⁵ path, a uniform grid with 2^k intervals in
+    /// stage k of 7 over `total_steps`, steps counted from 1, EMA targets (label dropout stays 0.1).
     pub fn shortcut_code(total_steps: u64) -> Self {
-        Self { path: linear(), grid: ConsistencyConfig { spacing: GridSpacing::Uniform(NoParams {}), schedule: CtSchedule::Doubling(DoublingSchedule { stages: 7, total_steps }) }, target: TargetNet::Ema, label_dropout: 0.1 }
+        Self {
+            path: InterpolantConfig::LinearSigmaMin(SigmaMinConfig::default()),
+            grid: ConsistencyConfig { spacing: GridSpacing::Uniform(NoParams {}), schedule: CtSchedule::Doubling(DoublingSchedule { stages: 7, total_steps }) },
+            target: TargetNet::Ema,
+            label_dropout: 0.1,
+            count_steps_from: 1,
+        }
     }
 
     pub fn build(&self) -> anyhow::Result<ConsistencyTraining> {
@@ -58,14 +75,15 @@ impl ConsistencyTrainingConfig {
         grid.validate()?;
         let dropout = LabelDropout::new(self.label_dropout);
         dropout.validate()?;
-        Ok(ConsistencyTraining { path: self.path.build(), grid: grid.build(), target: self.target, dropout })
+        anyhow::ensure!(self.count_steps_from <= 1, "count_steps_from must be 0 (flowmap) or 1 (the Shortcut code), got {}", self.count_steps_from);
+        Ok(ConsistencyTraining { path: self.path.build(), grid: grid.build(), target: self.target, dropout, count_steps_from: self.count_steps_from })
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsistencyDistillationConfig {
-    /// default linear
+    /// default linear; Shortcut code: linear_sigma_min (1e-5)
     #[serde(default = "linear")]
     pub path: InterpolantConfig,
     /// default uniform, fixed 129 points: t ∈ {1/128, …, 1}, teacher step 1/128 (code)
@@ -122,6 +140,14 @@ pub struct ConsistencyTraining {
     pub grid: Box<dyn PairSampler>,
     pub target: TargetNet,
     pub dropout: LabelDropout,
+    pub count_steps_from: u64,
+}
+
+impl ConsistencyTraining {
+    /// The step the curriculum reads at training step `step` (0-based).
+    pub fn curriculum_step(&self, step: u64) -> u64 {
+        step + self.count_steps_from
+    }
 }
 
 #[derive(Debug)]
@@ -149,7 +175,7 @@ fn consistency_loss(online: &dyn VelocityField, target_net: &dyn VelocityField, 
 impl Objective for ConsistencyTraining {
     fn loss(&self, nets: Nets<'_>, batch: &Batch, step: u64) -> Loss {
         let x = &batch.x;
-        let pair = self.grid.sample_at_step(x.size()[0], step, x.device());
+        let pair = self.grid.sample_at_step(x.size()[0], self.curriculum_step(step), x.device());
         let (t, r) = (pair.t.to_kind(x.kind()), pair.r.to_kind(x.kind()));
         let eps = x.randn_like();
         let (class, _) = self.dropout.apply(&batch.class, nets.online.null_class());

@@ -25,7 +25,7 @@ pub use ddpm::{Ddpm, DdpmObjectiveConfig, DdpmVariance};
 pub use flow_matching::{FlowMatching, FlowMatchingConfig};
 pub use jvp::{jvp, jvp_graph_free};
 pub use label_dropout::{DropRows, LabelDropout};
-pub use live_reflow::{LiveReflow, LiveReflowConfig};
+pub use live_reflow::{LiveReflow, LiveReflowConfig, ReflowTarget};
 pub use mean_flow::{JvpMode, MeanFlow, MeanFlowConfig, MeanFlowGuidance, MeanFlowTangent};
 pub use progressive::{ProgressiveConfig, ProgressiveDistillation};
 pub use reflow::{Reflow, ReflowConfig};
@@ -88,11 +88,17 @@ pub trait Objective: Send {
     fn needs_coupled_data(&self) -> bool {
         false
     }
-    /// Whether the loop must copy the online weights into the teacher **before** computing the
+    /// Whether the loop must copy the student's weights into the teacher **before** computing the
     /// loss at `step` (progressive distillation's stage boundaries).
     fn refresh_teacher_at(&self, step: u64) -> bool {
         let _ = step;
         false
+    }
+    /// Which of the student's weights a refresh ([`Self::refresh_teacher_at`]) copies into the
+    /// teacher: the online weights (default) or their EMA (the Shortcut code's progressive
+    /// distillation, whose targets call the refreshed teacher's EMA).
+    fn teacher_refresh_source(&self) -> TargetNet {
+        TargetNet::Online
     }
     /// Rejects batch sizes that silently change the method (Shortcut: fewer bootstrap rows than
     /// levels, shortcut-models issue #11). The loop calls it once with its per-step batch size
@@ -135,6 +141,14 @@ pub enum TargetNet {
 }
 
 impl TargetNet {
+    /// The TOML spelling ("ema", "online").
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetNet::Ema => "ema",
+            TargetNet::Online => "online",
+        }
+    }
+
     pub fn pick<'a>(self, nets: Nets<'a>) -> &'a dyn VelocityField {
         match self {
             TargetNet::Ema => nets.ema,

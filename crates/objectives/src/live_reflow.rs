@@ -4,6 +4,12 @@
 //! `rollout_steps` steps), with h = 1; the other rows are flow matching. Loss: the plain mean of
 //! (F − target)² over all rows. Time: the code runs from noise at t_s = 0 to data at t_s = 1 and
 //! integrates x += v/8; here t = 1 − t_s, F = −s, and the rollout walks t from 1 down to 0.
+//!
+//! The code's settings, each an option here: the sigma_min = 10⁻⁵ path for x_t and the flow rows'
+//! velocity (`path`, `targets_livereflow.py` L20–21, L51); reflow rows targeting x − x_0 without
+//! the (1 − sigma_min) factor of the path's velocity (`reflow_target = "endpoint_difference"`, L45);
+//! the rollout guided with the rows' labels at `cfg_scale` (`rollout_cfg_scale`, L32–42; the
+//! ImageNet README command sets 1.5, CelebA-HQ's 0 rolls out unconditionally).
 use crate::flow_matching::flow_matching_error;
 use crate::label_dropout::LabelDropout;
 use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
@@ -16,10 +22,23 @@ pub const LIVE_REFLOW_FRACTION: f64 = 0.125;
 /// `targets_livereflow.py`: `for _ in range(8)`.
 pub const LIVE_REFLOW_ROLLOUT_STEPS: i64 = 8;
 
+/// What the reflow rows regress on, for the coupling (ε, x_gen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReflowTarget {
+    /// The path's velocity at the coupling, as the flow rows: (1 − sigma_min)·ε − x_gen on the
+    /// sigma_min path (ε − x_gen on the plain one).
+    #[default]
+    PathVelocity,
+    /// ε − x_gen whatever the path (the code's `v_reflow = x - x_0_reflow`, `targets_livereflow.py`
+    /// L45, while its flow rows carry the factor, L21).
+    EndpointDifference,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LiveReflowConfig {
-    /// default linear
+    /// default linear; code: linear_sigma_min (1e-5)
     pub path: InterpolantConfig,
     /// for both kinds of rows; default uniform (code: discrete_uniform, 128 bins)
     pub times: TimeSamplerConfig,
@@ -34,6 +53,8 @@ pub struct LiveReflowConfig {
     pub reflow_h: f64,
     /// on flow rows only (reflow rows keep labels, as in the code); default 0.1
     pub label_dropout: f64,
+    /// reflow rows' target: path_velocity (default) | endpoint_difference (code, L45)
+    pub reflow_target: ReflowTarget,
 }
 
 impl Default for LiveReflowConfig {
@@ -47,6 +68,7 @@ impl Default for LiveReflowConfig {
             flow_h: 0.0,
             reflow_h: 1.0,
             label_dropout: 0.1,
+            reflow_target: ReflowTarget::PathVelocity,
         }
     }
 }
@@ -68,7 +90,17 @@ impl LiveReflowConfig {
         anyhow::ensure!((0.0..=1.0).contains(&self.flow_h) && (0.0..=1.0).contains(&self.reflow_h), "flow_h and reflow_h must be in [0, 1]");
         let dropout = LabelDropout::new(self.label_dropout);
         dropout.validate()?;
-        Ok(LiveReflow { path: self.path.build(), times: self.times.build(), reflow_fraction: self.reflow_fraction, rollout_steps: self.rollout_steps, rollout_cfg_scale: self.rollout_cfg_scale, flow_h: self.flow_h, reflow_h: self.reflow_h, dropout })
+        Ok(LiveReflow {
+            path: self.path.build(),
+            times: self.times.build(),
+            reflow_fraction: self.reflow_fraction,
+            rollout_steps: self.rollout_steps,
+            rollout_cfg_scale: self.rollout_cfg_scale,
+            flow_h: self.flow_h,
+            reflow_h: self.reflow_h,
+            dropout,
+            reflow_target: self.reflow_target,
+        })
     }
 }
 
@@ -82,6 +114,7 @@ pub struct LiveReflow {
     pub flow_h: f64,
     pub reflow_h: f64,
     pub dropout: LabelDropout,
+    pub reflow_target: ReflowTarget,
 }
 
 impl LiveReflow {
@@ -136,7 +169,15 @@ impl Objective for LiveReflow {
         let eps_r = eps.narrow(0, 0, b_r);
         let class_r = batch.class.narrow(0, 0, b_r);
         let x_gen = self.rollout(net, &eps_r, &class_r);
-        let reflow_err = flow_matching_error(net, self.path.as_ref(), &x_gen, &eps_r, &t.narrow(0, 0, b_r), self.reflow_h, &class_r);
+        let t_r = t.narrow(0, 0, b_r);
+        let reflow_err = match self.reflow_target {
+            ReflowTarget::PathVelocity => flow_matching_error(net, self.path.as_ref(), &x_gen, &eps_r, &t_r, self.reflow_h, &class_r),
+            ReflowTarget::EndpointDifference => {
+                let x_t = self.path.interpolate(&x_gen, &eps_r, &t_r);
+                let out = net.forward(&x_t, &t_r, &t_r.full_like(self.reflow_h), &class_r);
+                (out - (&eps_r - &x_gen)).square()
+            }
+        };
 
         // The plain mean over all rows, as the code's mean over the merged batch.
         let value = Tensor::cat(&[&reflow_err, &flow_err], 0).mean(None);

@@ -3,8 +3,14 @@
 //! one jump of h = 2^−k, k = stages − 1 − s, from two frozen-teacher jumps of h/2:
 //! loss mean(F(x_t, t, h, c) − sg[(u₁ + u₂)/2])², u₁ = F_φ(x_t, t, h/2), u₂ = F_φ(x_t − (h/2)·u₁, t − h/2, h/2).
 //! Time: the code's t_s = j/2^k (noise at 0) becomes t = 1 − t_s ∈ {h, …, 1}; its x + (h/2)·v is x − (h/2)·u.
+//!
+//! The teacher after a stage boundary (`refresh_from`): the code (`train.py` L309–312) copies the
+//! whole train state into the teacher and its targets call the teacher's EMA weights
+//! (`targets_progressive.py` L28, `bootstrap_ema = 1` by default, `train.py` L64), so from stage 1 on
+//! its teacher is the student's EMA at the refresh (`refresh_from = "ema"`); Salimans and Ho's
+//! Algorithm 2 makes the student's own weights the next teacher (`refresh_from = "online"`, default).
 use crate::label_dropout::LabelDropout;
-use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
+use crate::{Batch, DefaultSampler, Loss, Nets, Objective, TargetNet};
 use flowmap_core::{Guided, Interpolant, InterpolantConfig, NoParams, Prediction, RuleName, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -15,7 +21,7 @@ pub const PD_STAGES: u32 = 7;
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProgressiveConfig {
-    /// default linear
+    /// default linear; Shortcut code: linear_sigma_min (1e-5)
     #[serde(default = "linear")]
     pub path: InterpolantConfig,
     /// stage s trains h = 2^-(stages-1-s) from teacher steps of half that; default 7 (code)
@@ -31,6 +37,10 @@ pub struct ProgressiveConfig {
     /// same dropped label for student and teacher; default 0.1 (the code drops none)
     #[serde(default = "default_dropout")]
     pub label_dropout: f64,
+    /// student weights copied into the teacher at each stage boundary; default online (Salimans
+    /// and Ho); code: ema (`train.py` L309–312 with `targets_progressive.py` L28, `bootstrap_ema = 1`)
+    #[serde(default = "online")]
+    pub refresh_from: TargetNet,
 }
 
 fn linear() -> InterpolantConfig {
@@ -42,6 +52,9 @@ fn pd_stages() -> u32 {
 fn default_dropout() -> f64 {
     0.1
 }
+fn online() -> TargetNet {
+    TargetNet::Online
+}
 
 impl ProgressiveConfig {
     /// Jumps of the step size each stage trains (h = 2^−k).
@@ -50,7 +63,7 @@ impl ProgressiveConfig {
     }
 
     pub fn new(steps_per_stage: u64) -> Self {
-        Self { path: linear(), stages: PD_STAGES, steps_per_stage, teacher_cfg_scale: None, clip: None, label_dropout: 0.1 }
+        Self { path: linear(), stages: PD_STAGES, steps_per_stage, teacher_cfg_scale: None, clip: None, label_dropout: 0.1, refresh_from: TargetNet::Online }
     }
 
     pub fn build(&self) -> anyhow::Result<ProgressiveDistillation> {
@@ -65,7 +78,7 @@ impl ProgressiveConfig {
         }
         let dropout = LabelDropout::new(self.label_dropout);
         dropout.validate()?;
-        Ok(ProgressiveDistillation { path: self.path.build(), stages: self.stages, steps_per_stage: self.steps_per_stage, teacher_cfg_scale: self.teacher_cfg_scale, clip: self.clip, dropout })
+        Ok(ProgressiveDistillation { path: self.path.build(), stages: self.stages, steps_per_stage: self.steps_per_stage, teacher_cfg_scale: self.teacher_cfg_scale, clip: self.clip, dropout, refresh_from: self.refresh_from })
     }
 }
 
@@ -77,6 +90,7 @@ pub struct ProgressiveDistillation {
     pub teacher_cfg_scale: Option<f64>,
     pub clip: Option<f64>,
     pub dropout: LabelDropout,
+    pub refresh_from: TargetNet,
 }
 
 impl ProgressiveDistillation {
@@ -133,9 +147,16 @@ impl Objective for ProgressiveDistillation {
         true
     }
 
-    /// Copy the online weights into the teacher before the first step of every stage after the
-    /// first (the code refreshes after step i with i % (max_steps // 7) == 0, i counted from 1).
+    /// Copy the student into the teacher before the first step of every stage after the first
+    /// (the code refreshes after loop index i with i % (max_steps // 7) == 0, `train.py` L311; its
+    /// loop index starts at 2 while the step its targets read is 0 after loading, L174, L185 and
+    /// L278, so its refresh comes one or two updates before its own stage boundary
+    /// ⌈k·max_steps/7⌉; not reproduced here).
     fn refresh_teacher_at(&self, step: u64) -> bool {
         step > 0 && step.is_multiple_of(self.steps_per_stage) && step / self.steps_per_stage < self.stages as u64
+    }
+
+    fn teacher_refresh_source(&self) -> TargetNet {
+        self.refresh_from
     }
 }

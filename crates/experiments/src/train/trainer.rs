@@ -24,7 +24,7 @@ use crate::train::progress::Progress;
 use crate::train::tensorboard::EventWriter;
 use anyhow::{bail, ensure, Context, Result};
 use flowmap_core::{Ema, VelocityField};
-use flowmap_objectives::{Batch, Loss, Nets, Objective};
+use flowmap_objectives::{Batch, Loss, Nets, Objective, TargetNet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -276,8 +276,12 @@ impl Trainer {
         let (cfg, step, device) = (&self.cfg, self.state.step, self.device);
         if self.objective.refresh_teacher_at(step) {
             let t = self.teacher.as_mut().context("the objective refreshes its teacher but there is none")?;
-            t.vs.copy(&self.online.vs)?;
-            tracing::info!("step {step}: teacher refreshed from the online weights");
+            let source = self.objective.teacher_refresh_source();
+            match source {
+                TargetNet::Online => t.vs.copy(&self.online.vs)?,
+                TargetNet::Ema => t.vs.copy(self.ema.shadow())?,
+            }
+            tracing::info!("step {step}: teacher refreshed from the {} weights", source.name());
         }
         let idx = self.order.next_batch();
         if self.data.prefetch_depth() > 0 {
