@@ -6,13 +6,15 @@
 //!
 //! * [`interpolant`]: paths and conversions between velocity, clean sample, noise and score;
 //! * [`time`]: training-time and (t, r) pair samplers;
-//! * [`sampling`]: the sampler over a time grid;
+//! * [`sampling`]: the sampler over a time grid (one-step rules and multistep solvers);
+//! * [`grids`]: sampling time grids (uniform in t, in log-SNR, EDM's rho schedule);
 //! * [`guidance`]: classifier-free guidance as a wrapper; [`ema`]: the parameter EMA;
 //! * [`gaussian`]: exact fields for Gaussian data (tests);
 //! * [`net`]: the network trait; [`nfe`]: a wrapper that counts network evaluations.
 pub mod config;
 pub mod ema;
 pub mod gaussian;
+pub mod grids;
 pub mod guidance;
 pub mod interpolant;
 pub mod net;
@@ -23,9 +25,10 @@ pub mod time;
 pub use config::NoParams;
 pub use ema::Ema;
 pub use gaussian::{ExactAverageVelocity, ExactEps, ExactVelocity, GaussianData};
+pub use grids::{edm_grid, logsnr_grid, GridKind};
 pub use guidance::Guided;
 pub use interpolant::{DdpmConfig, DdpmSchedule, Interpolant, InterpolantConfig, Linear, SigmaMinConfig, TrigFlow, TrigFlowConfig, VpCosine, VpCosineConfig, VpLinearBeta};
 pub use net::{per_sample, VelocityField};
 pub use nfe::NfeCounter;
-pub use sampling::{check_grid, sample, uniform_grid, Diffusion, DiffusionScale, Prediction, RuleName, StepRule, TimeGrid};
+pub use sampling::{check_grid, dpm_solver_pp, sample, uniform_grid, unipc, Diffusion, DiffusionScale, Prediction, Reads, RuleName, StepRule, TimeGrid};
 pub use time::{ConsistencyCurriculum, ConsistencyGrid, CtSchedule, DdpmSteps, DiscreteUniform, DyadicSteps, GridSpacing, LogitNormal, MeanFlowPairs, PairSampler, PairSamplerConfig, TimePair, TimeSampler, TimeSamplerConfig, Uniform};

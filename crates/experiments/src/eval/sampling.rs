@@ -5,7 +5,7 @@
 //! checked against it. [`SamplingConfig::resolve`] is the one place that combines the two: every
 //! caller samples through the [`Sampler`] it returns (`ExperimentConfig::sampler`).
 use anyhow::{ensure, Context, Result};
-use flowmap_core::{check_grid, sample, uniform_grid, Diffusion, Guided, InterpolantConfig, NfeCounter, RuleName, StepRule, VelocityField};
+use flowmap_core::{check_grid, sample, Diffusion, GridKind, Guided, InterpolantConfig, NfeCounter, RuleName, StepRule, VelocityField};
 use flowmap_objectives::ObjectiveConfig;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -32,8 +32,10 @@ impl Weights {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplingConfig {
-    /// euler | heun | jump | ddim | ddpm_ancestral | sde | renoise; default: the objective's
-    /// (flow_matching, reflow: euler; ddpm: ddim; consistency_*: renoise; the others: jump)
+    /// euler | heun | jump | ddim | ddpm_ancestral | sde | renoise | dpm_solver_pp_2m |
+    /// dpm_solver_pp_3m | unipc; default: the objective's (flow_matching, reflow: euler; ddpm:
+    /// ddim; consistency_*: renoise; the others: jump). The multistep solvers read velocity
+    /// (flow_matching, reflow) or eps (ddpm) models.
     #[serde(default)]
     pub rule: Option<RuleName>,
     /// the interpolant; default (and the only value allowed): the one the objective trains on
@@ -45,8 +47,13 @@ pub struct SamplingConfig {
     /// step counts for grids and FID; default [1, 2, 4, 8, 16]
     #[serde(default = "default_steps")]
     pub steps: Vec<usize>,
-    /// explicit times 1 = t_0 > … > t_N = 0, walked instead of the uniform grid whenever N
-    /// steps are sampled (N must be in `steps`); default none (uniform grids only)
+    /// the grid for each step count: { kind = "uniform" } (default), { kind = "logsnr" } or
+    /// { kind = "edm", rho = 7.0 } (both with optional sigma_min = 0.002, sigma_max = 80: VE noise
+    /// levels sigma/alpha; see flowmap_core::grids)
+    #[serde(default)]
+    pub grid: GridKind,
+    /// explicit times 1 = t_0 > … > t_N = 0, walked instead of `grid` whenever N steps are
+    /// sampled (N must be in `steps`; the other step counts use `grid`); default none
     #[serde(default)]
     pub time_grid: Option<Vec<f64>>,
     /// classifier-free guidance w; 1 = none
@@ -96,6 +103,7 @@ impl SamplingConfig {
             ensure!(d.scale.is_finite() && d.scale >= 0.0, "sampling.diffusion.scale = {}: must be finite and >= 0", d.scale);
         }
         ensure!(self.cfg_scale.is_finite(), "sampling.cfg_scale = {}: must be a finite number (1 = no guidance)", self.cfg_scale);
+        self.grid.validate().with_context(|| format!("sampling.grid = {{ kind = {:?}, … }}", self.grid.name()))?;
         ensure!(self.grid_images >= 1, "sampling.grid_images = {}: must be >= 1", self.grid_images);
         if let Some(grid) = &self.time_grid {
             check_time_grid(grid)?;
@@ -133,8 +141,8 @@ impl SamplingConfig {
             names(native.prediction.rules()),
             native.rule.name()
         );
-        let step_rule = rule.step_rule(self.diffusion).context("sampling.rule = \"sde\" needs sampling.diffusion")?;
-        Ok(Sampler { path: native.path, rule: step_rule, cfg_scale: self.cfg_scale, time_grid: self.time_grid.clone() })
+        let step_rule = rule.step_rule_for(native.prediction, self.diffusion).context("sampling.rule = \"sde\" needs sampling.diffusion")?;
+        Ok(Sampler { path: native.path, rule: step_rule, cfg_scale: self.cfg_scale, grid: self.grid, time_grid: self.time_grid.clone() })
     }
 }
 
@@ -155,7 +163,9 @@ pub struct Sampler {
     pub rule: StepRule,
     /// classifier-free guidance w; 1 = none
     pub cfg_scale: f64,
-    /// walked instead of the uniform grid when its number of steps is sampled
+    /// the grid for step counts `time_grid` does not cover
+    pub grid: GridKind,
+    /// walked instead of `grid` when its number of steps is sampled
     pub time_grid: Option<Vec<f64>>,
 }
 
@@ -169,11 +179,11 @@ pub struct Generated {
 
 impl Sampler {
     /// The times of a `steps`-step sampling (`steps` >= 1, which every caller's input check
-    /// ensures): the explicit grid if it has `steps` steps, the uniform grid otherwise.
+    /// ensures): the explicit grid if it has `steps` steps, `grid` on the path otherwise.
     pub fn grid(&self, steps: usize) -> Vec<f64> {
         match &self.time_grid {
             Some(g) if g.len() == steps + 1 => g.clone(),
-            _ => uniform_grid(steps),
+            _ => self.grid.times(self.path.build().as_ref(), steps),
         }
     }
 
@@ -199,8 +209,11 @@ impl fmt::Display for Sampler {
     /// `rule heun, path { kind = "linear" }, cfg_scale 1, grid [1.0, 0.5, 0.0] at 2 steps`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "rule {}, path {}, cfg_scale {}", self.rule.name().name(), inline(&self.path), self.cfg_scale)?;
+        if self.grid != GridKind::Uniform {
+            write!(f, ", grid {:?}", self.grid)?;
+        }
         if let Some(g) = &self.time_grid {
-            write!(f, ", grid {g:?} at {} steps (uniform otherwise)", g.len() - 1)?;
+            write!(f, ", grid {g:?} at {} steps ({} otherwise)", g.len() - 1, self.grid.name())?;
         }
         Ok(())
     }
