@@ -3,6 +3,7 @@
 use flowmap_experiments::data::cache;
 use flowmap_experiments::data::idx::{self, Split};
 use flowmap_experiments::eval::fid::{evaluate_steps, read_fid_csv, EvalSettings, Inception, KidSettings, Preprocess, RefDataset, Reference, SampleSetting, SplitSpec, FEATURE_DIM};
+use flowmap_experiments::run::world::World;
 use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -91,7 +92,7 @@ fn fid_of_a_split_against_itself_is_zero_and_against_a_shifted_copy_is_large() {
     // one subset of all 12 rows: the exact unbiased estimate, no subset noise
     let settings = EvalSettings { num_samples: n as usize, generate_batch: 8, kid: Some(KidSettings { num_subsets: 1, max_subset_size: 1000, seed: 0 }) };
     let sample = SampleSetting { train_step: 100, cfg_scale: 1.0, weights: "ema".into() };
-    let rows = evaluate_steps(&net, &reference, &[1, 2, 4, 8], &sample, &settings, Some(&csv), |nfe, count| {
+    let rows = evaluate_steps(&net, Some(&reference), &World::single(), &[1, 2, 4, 8], &sample, &settings, Some(&csv), |nfe, _chunk, count| {
         let source = match nfe {
             1 => &shifted,
             2 => &noisy,
@@ -124,7 +125,7 @@ fn fid_of_a_split_against_itself_is_zero_and_against_a_shifted_copy_is_large() {
 
     // A reference computed with the other convention is refused.
     let tf = Reference { preprocess: Some(Preprocess::Tf), ..Reference::from_features("tf", None, reference.features.as_ref().unwrap().copy()).unwrap() };
-    let err = evaluate_steps(&net, &tf, &[1], &sample, &settings, None, |_, c| Ok(images.narrow(0, 0, c as i64))).unwrap_err();
+    let err = evaluate_steps(&net, Some(&tf), &World::single(), &[1], &sample, &settings, None, |_, _, c| Ok(images.narrow(0, 0, c as i64))).unwrap_err();
     assert!(format!("{err:#}").contains("convention"), "{err:#}");
 }
 

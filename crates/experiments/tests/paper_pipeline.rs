@@ -42,7 +42,7 @@ fn corrupt_images_are_skipped_counted_and_the_batch_stays_full() {
     assert_eq!((folder.len(), folder.num_classes()), (8, 2));
     let mut reader = FolderReader::new(folder, 32, true, 0, None, 2, 2).unwrap();
     let all: Vec<i64> = (0..8).collect();
-    reader.prefetch(0, std::slice::from_ref(&all));
+    reader.prefetch(&[(0, all.clone())]);
     let (x, c) = reader.batch(&all, 0, Device::Cpu).unwrap();
     assert_eq!(x.size(), [8, 3, 32, 32]);
     assert_eq!(c.size(), [8]);

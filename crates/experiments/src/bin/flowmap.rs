@@ -67,6 +67,9 @@ fn main() -> Result<()> {
             flowmap_experiments::cli::reflow_pairs::make_pairs(&teacher, &cfg, &req, &out, cfg.run.device.device()?)?;
             println!("{}", out.display());
         }
+        Command::Launch { nproc, master_port, args } => {
+            flowmap_experiments::cli::launch::launch(&flowmap_experiments::cli::launch::LaunchRequest { nproc, master_port, args }, stop_flag()?)?;
+        }
         Command::Plot { runs, out } => {
             let out = out.unwrap_or_else(|| run_dir::RunDir::new(&runs[0]).plots());
             for f in table::plot_runs(&runs, &out)? {

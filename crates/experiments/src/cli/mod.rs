@@ -3,6 +3,7 @@
 //! (`Cli::try_parse_from`, tests/docs_commands.rs).
 pub mod doctor;
 pub mod dry_run;
+pub mod launch;
 pub mod migrate_config;
 pub mod reflow_pairs;
 
@@ -153,6 +154,20 @@ pub enum Command {
         /// Reference images: the first N of the split, N >= 2 (default: `[eval].reference` or the whole split).
         #[arg(long)]
         ref_images: Option<usize>,
+    },
+    /// Start N local ranks of a data-parallel job (for machines without torchrun):
+    /// `flowmap launch --nproc 2 -- train CONFIG`. torchrun (`torchrun --no-python
+    /// --nproc-per-node=2 flowmap train CONFIG`) and Slurm (`srun flowmap train CONFIG`) work too.
+    Launch {
+        /// Ranks to start on this machine.
+        #[arg(long)]
+        nproc: usize,
+        /// Port of rank 0's store (default: a free port).
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// The flowmap command every rank runs, after `--`.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
     },
     /// FID against steps for one or several runs, and their loss curves (PNG + SVG).
     Plot {

@@ -48,8 +48,12 @@ pub struct RunConfig {
     pub seed: u64,
     /// optimizer steps
     pub steps: u64,
-    /// images per step
+    /// images per optimizer step, over all ranks (the global batch)
     pub batch_size: i64,
+    /// micro-batches each rank accumulates per step (gradient accumulation); the global batch is
+    /// split into world size × micro_batches equal slices; default 1
+    #[serde(default = "default_micro_batches")]
+    pub micro_batches: i64,
     /// auto (CUDA if available) | cpu | cuda
     #[serde(default)]
     pub device: DeviceChoice,
@@ -89,6 +93,8 @@ impl RunConfig {
         );
         ensure!(self.steps >= 1, "run.steps = {}: must be >= 1", self.steps);
         ensure!(self.batch_size >= 1, "run.batch_size = {}: must be >= 1", self.batch_size);
+        ensure!(self.micro_batches >= 1, "run.micro_batches = {}: must be >= 1", self.micro_batches);
+        self.micro_batch_size(1)?;
         ensure!(self.log_every >= 1, "run.log_every = {}: must be >= 1", self.log_every);
         ensure!(self.keep_checkpoints >= 1, "run.keep_checkpoints = {}: must be >= 1", self.keep_checkpoints);
         ensure!(!self.out_dir.as_os_str().is_empty(), "run.out_dir: empty path (default \"runs\")");
@@ -97,6 +103,18 @@ impl RunConfig {
         }
         Ok(())
     }
+
+    /// Rows of one micro-batch when `world_size` ranks each accumulate `run.micro_batches`:
+    /// `run.batch_size` must split evenly (the error names both keys and the world size).
+    pub fn micro_batch_size(&self, world_size: usize) -> Result<i64> {
+        let parts = self.micro_batches * world_size as i64;
+        ensure!(self.batch_size % parts == 0, "run.batch_size = {} does not split into {world_size} rank(s) × run.micro_batches = {} = {parts} equal micro-batches; choose a batch size divisible by {parts}", self.batch_size, self.micro_batches);
+        Ok(self.batch_size / parts)
+    }
+}
+
+fn default_micro_batches() -> i64 {
+    1
 }
 
 fn default_out_dir() -> PathBuf {

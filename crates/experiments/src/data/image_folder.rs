@@ -302,10 +302,10 @@ fn resample(src: &[u8], w: usize, h: usize, nw: usize, nh: usize, filter: Filter
     cur
 }
 
-/// Horizontal flips of a batch: one bit per row from (seed, step) on the Augment stream, so a
+/// Horizontal flips of a batch: one bit per row from (seed, draw key) on the Augment stream, so a
 /// resumed run (and a prefetching thread) draws the same flips.
-pub fn flips(seed: u64, step: u64, n: usize) -> Vec<bool> {
-    let mut r = ChaCha8Rng::seed_from_u64(rng::seed(seed, step, Stream::Augment) as u64);
+pub fn flips(seed: u64, key: u64, n: usize) -> Vec<bool> {
+    let mut r = ChaCha8Rng::seed_from_u64(rng::seed(seed, key, Stream::Augment) as u64);
     (0..n).map(|_| r.gen::<bool>()).collect()
 }
 
@@ -443,39 +443,41 @@ impl FolderReader {
         self.depth
     }
 
-    fn flips_for(&self, step: u64, n: usize) -> Vec<bool> {
+    fn flips_for(&self, key: u64, n: usize) -> Vec<bool> {
         if self.flip {
-            flips(self.seed, step, n)
+            flips(self.seed, key, n)
         } else {
             vec![false; n]
         }
     }
 
-    /// Starts decoding the batches of the coming steps (at most `depth` in flight).
-    pub fn prefetch(&mut self, first_step: u64, upcoming: &[Vec<i64>]) {
-        for (k, idx) in upcoming.iter().take(self.depth).enumerate() {
-            let step = first_step + k as u64;
-            if self.pending.contains_key(&step) || self.pending.len() >= self.depth {
+    /// Starts decoding the coming batches, given as (draw key, indices) (at most `depth` in flight).
+    pub fn prefetch(&mut self, upcoming: &[(u64, Vec<i64>)]) {
+        for (key, idx) in upcoming.iter().take(self.depth) {
+            let key = *key;
+            if self.pending.contains_key(&key) || self.pending.len() >= self.depth {
                 continue;
             }
             let (tx, rx) = crossbeam_channel::bounded(1);
-            let (folder, skips, size, flip, indices) = (Arc::clone(&self.folder), Arc::clone(&self.skips), self.size, self.flips_for(step, idx.len()), idx.clone());
+            let (folder, skips, size, flip, indices) = (Arc::clone(&self.folder), Arc::clone(&self.skips), self.size, self.flips_for(key, idx.len()), idx.clone());
             let pool = Arc::clone(&self.pool);
             self.pool.spawn(move || {
                 let r = pool.install(|| load_batch(&folder, &indices, &flip, size, &skips));
                 let _ = tx.send(r);
             });
-            self.pending.insert(step, (idx.clone(), rx));
+            self.pending.insert(key, (idx.clone(), rx));
         }
     }
 
-    /// The batch of `step` (from the prefetch if it was started with the same indices).
-    pub fn batch(&mut self, indices: &[i64], step: u64, device: Device) -> Result<(Tensor, Tensor)> {
-        self.pending.retain(|&s, _| s >= step);
-        let b = match self.pending.remove(&step) {
+    /// The batch of draw key `key` (from the prefetch if it was started with the same indices;
+    /// prefetches of earlier steps are dropped).
+    pub fn batch(&mut self, indices: &[i64], key: u64, device: Device) -> Result<(Tensor, Tensor)> {
+        let step = rng::key_step(key);
+        self.pending.retain(|&k, _| rng::key_step(k) >= step);
+        let b = match self.pending.remove(&key) {
             Some((idx, rx)) if idx == indices => rx.recv().context("a decode thread stopped")??,
             _ => {
-                let flip = self.flips_for(step, indices.len());
+                let flip = self.flips_for(key, indices.len());
                 self.pool.install(|| load_batch(&self.folder, indices, &flip, self.size, &self.skips))?
             }
         };

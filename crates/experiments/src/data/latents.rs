@@ -472,13 +472,13 @@ impl LatentReader {
         Ok((t(&mean), t(&std)))
     }
 
-    /// The batch of `step`: x = (mean + std·eps)·scale with eps from the Latent stream of
-    /// (seed, step), flips from the Augment stream; classes (or the null class).
-    pub fn batch(&self, indices: &[i64], step: u64, device: Device) -> Result<(Tensor, Tensor)> {
-        let flips = if self.flip && self.manifest.flip { super::image_folder::flips(self.seed, step, indices.len()) } else { vec![false; indices.len()] };
+    /// The batch of draw key `key` ([`rng::draw_key`]): x = (mean + std·eps)·scale with eps from
+    /// the Latent stream of (seed, key), flips from the Augment stream; classes (or the null class).
+    pub fn batch(&self, indices: &[i64], key: u64, device: Device) -> Result<(Tensor, Tensor)> {
+        let flips = if self.flip && self.manifest.flip { super::image_folder::flips(self.seed, key, indices.len()) } else { vec![false; indices.len()] };
         let (mean, std) = self.moments(indices, &flips)?;
         let (mean, std) = (mean.to_device(device), std.to_device(device));
-        rng::reseed(self.seed, step, Stream::Latent);
+        rng::reseed(self.seed, key, Stream::Latent);
         let eps = Tensor::randn(mean.size().as_slice(), (Kind::Float, device));
         let x = (mean + std * eps) * self.manifest.vae.scale;
         let class = match self.null_class {

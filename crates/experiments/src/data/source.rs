@@ -19,15 +19,17 @@ pub trait DataSource {
     fn sample_shape(&self) -> Vec<i64>;
     /// One line for the log.
     fn describe(&self) -> String;
-    /// Starts preparing the batches of steps `first_step`, `first_step + 1`, … (a hint).
-    fn prefetch(&mut self, _first_step: u64, _upcoming: &[Vec<i64>]) {}
+    /// Starts preparing the coming batches, each given as (draw key, indices) (a hint; the key is
+    /// what [`DataSource::batch`] will be called with, see [`crate::run::rng::draw_key`]).
+    fn prefetch(&mut self, _upcoming: &[(u64, Vec<i64>)]) {}
     /// How many batches ahead [`DataSource::prefetch`] wants.
     fn prefetch_depth(&self) -> usize {
         0
     }
-    /// The batch of `indices` for `step`: (x, class) on `device`. A pure function of
-    /// (data, indices, step, seed), so a resumed run reads the same batches.
-    fn batch(&mut self, indices: &[i64], step: u64, device: Device) -> Result<(Tensor, Tensor)>;
+    /// The batch of `indices` for the draw key `key` (the step, with the micro-batch index above
+    /// it: [`crate::run::rng::draw_key`]): (x, class) on `device`. A pure function of (data,
+    /// indices, key, seed), so a resumed run, and any split of the batch over ranks, reads the same.
+    fn batch(&mut self, indices: &[i64], key: u64, device: Device) -> Result<(Tensor, Tensor)>;
     /// The stored noise of each row when the data are (noise, sample) couplings (reflow pairs).
     fn coupled_noise(&mut self, _indices: &[i64], _device: Device) -> Option<Tensor> {
         None
@@ -87,14 +89,14 @@ impl DataSource for FolderReader {
     fn describe(&self) -> String {
         format!("image folder {} ({}): {} images, {} classes, {}² center crop, flip {}", self.folder.root.display(), self.folder.layout.name(), self.folder.len(), self.folder.num_classes(), self.size, self.flip)
     }
-    fn prefetch(&mut self, first_step: u64, upcoming: &[Vec<i64>]) {
-        FolderReader::prefetch(self, first_step, upcoming)
+    fn prefetch(&mut self, upcoming: &[(u64, Vec<i64>)]) {
+        FolderReader::prefetch(self, upcoming)
     }
     fn prefetch_depth(&self) -> usize {
         self.depth()
     }
-    fn batch(&mut self, indices: &[i64], step: u64, device: Device) -> Result<(Tensor, Tensor)> {
-        FolderReader::batch(self, indices, step, device)
+    fn batch(&mut self, indices: &[i64], key: u64, device: Device) -> Result<(Tensor, Tensor)> {
+        FolderReader::batch(self, indices, key, device)
     }
     fn skipped(&self) -> usize {
         self.skips.count()
@@ -130,7 +132,7 @@ impl DataSource for LatentReader {
             &m.vae.sha256[..m.vae.sha256.len().min(12)]
         )
     }
-    fn batch(&mut self, indices: &[i64], step: u64, device: Device) -> Result<(Tensor, Tensor)> {
-        LatentReader::batch(self, indices, step, device)
+    fn batch(&mut self, indices: &[i64], key: u64, device: Device) -> Result<(Tensor, Tensor)> {
+        LatentReader::batch(self, indices, key, device)
     }
 }

@@ -10,6 +10,7 @@ use crate::eval::sampling::Weights;
 use crate::run::model::{load_run_weights, ModelConfig};
 use crate::run::rng::{self, Stream};
 use crate::run::run_dir::RunDir;
+use crate::run::world::World;
 use anyhow::{ensure, Context, Result};
 use flowmap_core::VelocityField;
 use serde::{Deserialize, Serialize};
@@ -186,24 +187,33 @@ pub struct EvalInputs<'a> {
 /// loaded once and reused (e.g. at every `eval.every` steps of a training run).
 pub struct Evaluator {
     inception: Inception,
-    reference: fid::Reference,
+    /// Rank 0's (the ranks that only generate need none).
+    reference: Option<fid::Reference>,
+    world: &'static World,
     vae: Option<flowmap_models::vae::Vae>,
     settings: EvalSettings,
 }
 
 impl Evaluator {
-    pub fn new(run: &EvalInputs, eval: &EvalConfig, device: Device) -> Result<Self> {
+    /// Loads what an evaluation by `world` needs: Inception on every rank, the reference
+    /// statistics on rank 0.
+    pub fn new(run: &EvalInputs, eval: &EvalConfig, world: &'static World, device: Device) -> Result<Self> {
         let inception = Inception::load(device, eval.preprocess)?.with_batch_size(eval.batch);
-        let reference = reference(run.data, eval, &inception)?;
+        let reference = match world.is_main() {
+            true => Some(reference(run.data, eval, &inception)?),
+            false => None,
+        };
         // Latent-space runs: decode with the VAE before the Inception network.
         let vae = crate::data::vae::for_run(run.vae, run.data).map(|v| v.load(device)).transpose()?;
         let settings = EvalSettings { num_samples: eval.num_samples, generate_batch: eval.batch, kid: eval.kid.then(KidSettings::default) };
-        Ok(Self { inception, reference, vae, settings })
+        Ok(Self { inception, reference, world, vae, settings })
     }
 
     /// FID (and KID) of `net` at `steps` with the run's sampler, appended to `<run>/fid.csv` with
-    /// `train_step`, the step count and the NFE counted while sampling. Noise and labels are fixed by (seed, chunk), so every step
-    /// count and every training step sees the same inputs and a re-evaluation gives the same numbers.
+    /// `train_step`, the step count and the NFE counted while sampling. Noise and labels are fixed
+    /// by (seed, chunk), so every step count and every training step sees the same inputs, a
+    /// re-evaluation gives the same numbers, and so does any number of ranks (each generates its
+    /// share of the chunks; rank 0 scores, writes and returns the rows, see [`fid::evaluate_steps`]).
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate(&self, run_cfg: &EvalInputs, net: &dyn VelocityField, weights: Weights, train_step: u64, steps: &[usize], run: &Path, device: Device) -> Result<Vec<FidRow>> {
         check_steps(steps, "step counts")?;
@@ -211,21 +221,16 @@ impl Evaluator {
         let shape = run_cfg.model.sample_shape();
         let num_classes = run_cfg.data.num_classes();
         let null = net.null_class();
-        let mut chunk = 0u64;
-        let mut last_steps = None;
-        let generate = |s: usize, n: usize| -> Result<fid::Sampled> {
-            if last_steps != Some(s) {
-                (chunk, last_steps) = (0, Some(s));
-            }
-            rng::reseed(run_cfg.seed, chunk, Stream::Eval);
+        let batch = self.settings.generate_batch;
+        let generate = |s: usize, chunk: usize, n: usize| -> Result<fid::Sampled> {
+            rng::reseed(run_cfg.seed, chunk as u64, Stream::Eval);
             let noise = crate::eval::sampling::noise(n as i64, &shape, device);
-            let start = chunk as i64 * n as i64;
-            let class = crate::eval::sampling::cycled_classes(n as i64, start, num_classes, null, device);
-            chunk += 1;
+            let class = crate::eval::sampling::cycled_classes(n as i64, (chunk * batch) as i64, num_classes, null, device);
             let generated = run_cfg.sampler.generate_counted(net, noise, &class, s);
             Ok(fid::Sampled { images: crate::data::vae::to_pixels(self.vae.as_ref(), generated.x.to_kind(Kind::Float)), nfe: Some(generated.nfe) })
         };
-        fid::evaluate_steps(&self.inception, &self.reference, steps, &setting, &self.settings, Some(&RunDir::new(run).fid_csv()), generate)
+        let csv = RunDir::new(run).fid_csv();
+        fid::evaluate_steps(&self.inception, self.reference.as_ref(), self.world, steps, &setting, &self.settings, Some(&csv), generate)
     }
 }
 
@@ -235,6 +240,8 @@ pub fn evaluate_run(run: &Path, run_cfg: &EvalInputs, eval: &EvalConfig, weights
     check_steps(steps, "--steps")?;
     eval.validate()?;
     let ck = crate::run::checkpoint::CheckpointDir::new(RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint to evaluate", run.display()))?;
+    let world = World::global(device)?;
+    let device = world.device(device);
     let net = load_run_weights(run, run_cfg.model, weights, device)?;
-    Evaluator::new(run_cfg, eval, device)?.evaluate(run_cfg, net.net.as_ref(), weights, ck.step, steps, run, device)
+    Evaluator::new(run_cfg, eval, world, device)?.evaluate(run_cfg, net.net.as_ref(), weights, ck.step, steps, run, device)
 }

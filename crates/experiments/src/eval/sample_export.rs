@@ -43,8 +43,12 @@ impl SampleRequest {
 /// the output folder. The request is checked first (nothing is loaded or written on an error).
 pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, device: Device) -> Result<PathBuf> {
     req.validate(cfg)?;
-    let net = load_run_weights(run, &cfg.model, req.weights, device)?;
     let out = req.out.clone().unwrap_or_else(|| RunDir::new(run).samples().join("sample"));
+    // One noise tensor for all samples: under a data-parallel launch rank 0 samples alone.
+    if !crate::run::world::World::global(device)?.is_main() {
+        return Ok(out);
+    }
+    let net = load_run_weights(run, &cfg.model, req.weights, device)?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut sampler = cfg.sampler()?;
     if let Some(w) = req.cfg_scale {

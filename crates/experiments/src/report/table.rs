@@ -118,8 +118,13 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
         results.push((row.label.clone(), rows));
     }
     let out = &spec.table.out_dir;
-    let markdown = render_markdown(&spec, &results, &timings);
     let markdown_path = out.join("table.md");
+    // Under a data-parallel launch rank 0 holds the scores and writes the report; the other ranks
+    // helped to train and to sample.
+    if !crate::run::world::World::global(tch::Device::Cpu)?.is_main() {
+        return Ok(TableReport { markdown: String::new(), markdown_path, csv_path: out.join("table.csv"), plot_png: out.join("fid_vs_steps.png"), rows: results });
+    }
+    let markdown = render_markdown(&spec, &results, &timings);
     crate::run::atomic_file::write_atomic(&markdown_path, markdown.as_bytes())?;
     let csv_path = out.join("table.csv");
     crate::run::atomic_file::write_atomic(&csv_path, render_csv(&results).as_bytes())?;

@@ -43,3 +43,20 @@ pub fn reseed(base: u64, step: u64, stream: Stream) {
         tch::Cuda::manual_seed_all(s as u64);
     }
 }
+
+/// Bits of a draw key that hold the step; the micro-batch index sits above them.
+const STEP_BITS: u32 = 40;
+
+/// The key of the random draws of micro-batch `micro` of `step` (data augmentation, latent
+/// samples, the objective's noise and times): the step itself for micro-batch 0, so a run of one
+/// micro-batch draws what it always did. Keys depend on the micro-batch's place in the global
+/// batch, never on which process computes it: W ranks equal one process accumulating W micro-batches.
+pub fn draw_key(step: u64, micro: usize) -> u64 {
+    debug_assert!(step < 1 << STEP_BITS);
+    step | ((micro as u64) << STEP_BITS)
+}
+
+/// The step a [`draw_key`] belongs to.
+pub fn key_step(key: u64) -> u64 {
+    key & ((1 << STEP_BITS) - 1)
+}

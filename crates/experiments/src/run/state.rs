@@ -64,4 +64,17 @@ pub struct TrainerState {
     /// Seconds spent training (evaluation and checkpoint pauses included), over every call.
     pub train_time_s: f64,
     pub flowmap_version: String,
+    /// Ranks of the job that wrote the checkpoint (1 before data-parallel training existed).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// `run.micro_batches` of the job that wrote the checkpoint.
+    #[serde(default = "one_i64")]
+    pub micro_batches: i64,
+}
+
+fn one() -> usize {
+    1
+}
+fn one_i64() -> i64 {
+    1
 }

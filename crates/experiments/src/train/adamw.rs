@@ -128,6 +128,17 @@ impl AdamW {
         }
     }
 
+    /// The gradient of every trainable parameter, in a fixed order (what ranks sum). A parameter the
+    /// loss did not reach gets a defined zero gradient, so every rank hands over the same tensors.
+    pub fn grads(&mut self) -> Vec<Tensor> {
+        for p in &self.params {
+            if !p.grad().defined() {
+                (p.sum(p.kind()) * 0.0).backward();
+            }
+        }
+        self.params.iter().map(|p| p.grad()).collect()
+    }
+
     /// Global gradient norm as a 0-d tensor (no host read), after optional clipping in place.
     pub fn clip_and_norm(&mut self) -> Tensor {
         let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();

@@ -1,8 +1,12 @@
 //! `flowmap train`: one generic loop over any [`Objective`](flowmap_objectives::Objective), configured from TOML.
 //!
-//! Every step reseeds the global generator from (seed, step), takes the next batch of a
-//! per-epoch permutation, computes the objective's loss, checks it (and the gradient norm) for
-//! finiteness, steps AdamW and the EMA. Checkpoints hold every part of the run's state (model, EMA,
+//! Every step takes the next global batch of a per-epoch permutation and splits it into
+//! world size × `run.micro_batches` equal micro-batches; each rank computes the objective's loss
+//! on its own micro-batches (the generator reseeded from (seed, step, micro-batch index), so the
+//! split does not change the draws) and accumulates their gradients; one all-reduce of a flat
+//! buffer sums the gradients, the losses and the stop requests of every rank. Then the loss (and
+//! the gradient norm) is checked for finiteness and AdamW and the EMA step, alike on every rank.
+//! Rank 0 alone writes the run directory. Checkpoints hold every part of the run's state (model, EMA,
 //! AdamW moments, the teacher it changes, the objective's own parameters; see
 //! [`crate::run::state`]) plus step, data position and counters, so `--resume auto` continues
 //! exactly (same parameters, same losses).
@@ -17,6 +21,7 @@ use crate::run::model::{load_run_weights, load_vars, named_vars, Net};
 use crate::run::rng::{self, Stream};
 use crate::run::run_dir::RunDir;
 use crate::run::state::{Part, TrainerState};
+use crate::run::world::World;
 use crate::train::adamw::AdamW;
 use crate::train::cadence::Cadence;
 use crate::train::metrics::MetricsWriter;
@@ -95,8 +100,12 @@ pub struct Trainer {
     opts: TrainOptions,
     device: Device,
     run: RunDir,
-    /// Held for the trainer's life: one process per run directory.
-    _lock: FileLock,
+    /// Held for the trainer's life by rank 0: one job per run directory.
+    _lock: Option<FileLock>,
+    /// The ranks of a data-parallel job (a world of one without a launcher).
+    world: &'static World,
+    /// Every rank asked to stop at the last step (a SIGTERM on any rank), agreed by all-reduce.
+    stop_agreed: bool,
     ckdir: CheckpointDir,
     objective: Box<dyn Objective>,
     /// The objective's own trainable parameters ([`Objective::init_params`]); empty for most.
@@ -138,7 +147,7 @@ impl Trainer {
     /// Builds the run, or resumes it from its newest complete checkpoint (`opts.resume`).
     pub fn open(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -> Result<Self> {
         cfg.validate()?;
-        let objective = cfg.objective.build_for_batch(cfg.run.batch_size)?;
+        let objective = cfg.objective.build()?;
         Self::open_with_objective(cfg, table, opts, objective)
     }
 
@@ -147,11 +156,16 @@ impl Trainer {
     /// `cfg.objective` still has to validate, and config.toml records `table` as given.
     pub fn open_with_objective(cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions, mut objective: Box<dyn Objective>) -> Result<Self> {
         cfg.validate()?;
-        objective.check_batch_size(cfg.run.batch_size)?;
         if let Some(n) = cfg.run.threads {
             tch::set_num_threads(n);
         }
         let device = cfg.run.device.device()?;
+        let world = World::global(device)?;
+        let device = world.device(device);
+        // The objective's checks (e.g. Shortcut's bootstrap rows per level) apply to what one
+        // loss call sees: a micro-batch.
+        let micro_size = cfg.run.micro_batch_size(world.size())?;
+        objective.check_batch_size(micro_size).with_context(|| format!("a micro-batch of {micro_size} rows (run.batch_size = {} over {} rank(s) × run.micro_batches = {})", cfg.run.batch_size, world.size(), cfg.run.micro_batches))?;
         // Data, model and teacher first: their errors (missing files, a damaged shard) leave no
         // run directory behind.
         rng::reseed(cfg.run.seed, 0, Stream::Init);
@@ -172,30 +186,47 @@ impl Trainer {
         }
 
         let run = RunDir::new(opts.run_dir.clone().unwrap_or_else(|| cfg.default_run_dir()));
-        let lock = run.lock()?;
         let ckdir = CheckpointDir::new(run.checkpoints(), cfg.run.keep_checkpoints);
-        let resume_from = match opts.resume {
-            Resume::Auto => ckdir.latest()?,
-            Resume::Never => {
-                ensure!(!ckdir.has_any(), "{} already has checkpoints: pass --resume auto to continue it, or choose another run.name", run.root.display());
-                None
-            }
-        };
-        match &resume_from {
-            None => run.create(table)?,
-            Some(ck) => crate::config::change::check_resume(&run, cfg, table, ck.step, opts.allow_config_change)?,
-        }
-        tracing::info!("run directory {}", run.root.display());
+        let (lock, resume_from) = open_run_dir(world, &run, &ckdir, cfg, table, opts)?;
 
         let Net { vs: ema_vs, net: ema_net } = cfg.model.build(device)?;
         let ema = Ema::with_shadow(ema_vs, &online.vs, cfg.ema.decay, cfg.ema.warmup)?;
         let opt = AdamW::over(&[("", &online.vs), (OBJECTIVE_PREFIX, &objective_vs)], cfg.optimizer.clone());
         let order = Order::new(data.len(), cfg.run.batch_size as usize, cfg.run.seed, Default::default())?;
         let state = TrainerState { seed: cfg.run.seed, flowmap_version: env!("CARGO_PKG_VERSION").into(), ..Default::default() };
-        let mut trainer = Self { cfg: cfg.clone(), opts: opts.clone(), device, run, _lock: lock, ckdir, objective, objective_vs, online, ema, ema_net, opt, teacher, data, order, state, saved_step: None, start_step: 0 };
+        let mut trainer = Self {
+            cfg: cfg.clone(),
+            opts: opts.clone(),
+            device,
+            run,
+            _lock: lock,
+            world,
+            stop_agreed: false,
+            ckdir,
+            objective,
+            objective_vs,
+            online,
+            ema,
+            ema_net,
+            opt,
+            teacher,
+            data,
+            order,
+            state,
+            saved_step: None,
+            start_step: 0,
+        };
         if let Some(ck) = resume_from {
             trainer.restore(&ck)?;
         }
+        // Every rank starts from rank 0's weights (whatever its own initialisation drew).
+        for (_, slot) in trainer.parts() {
+            if let Slot::Vars(vs) = slot {
+                world.broadcast_vars(vs)?;
+            }
+        }
+        trainer.state.world_size = world.size();
+        trainer.state.micro_batches = cfg.run.micro_batches;
         Ok(trainer)
     }
 
@@ -227,6 +258,16 @@ impl Trainer {
                 Slot::Optim(opt) => opt.load_state(&tensors, state.step).with_context(|| file.display().to_string())?,
             }
         }
+        if (state.world_size, state.micro_batches) != (self.world.size(), self.cfg.run.micro_batches) {
+            tracing::warn!(
+                "{}: written by {} rank(s) × {} micro-batch(es), resumed by {} × {}: the data order continues exactly, the random draws of each step follow the new split",
+                ck.dir.display(),
+                state.world_size,
+                state.micro_batches,
+                self.world.size(),
+                self.cfg.run.micro_batches
+            );
+        }
         self.ema.set_updates(state.ema_updates);
         self.order = Order::new(self.data.len(), self.cfg.run.batch_size as usize, self.cfg.run.seed, state.data)?;
         tracing::info!("resumed from {} (step {})", ck.dir.display(), state.step);
@@ -234,9 +275,14 @@ impl Trainer {
         Ok(())
     }
 
-    /// Writes a checkpoint of the current step (every part, then `trainer_state.json`).
+    /// Writes a checkpoint of the current step (every part, then `trainer_state.json`); rank 0
+    /// writes, the other ranks hold the same state.
     pub fn save(&mut self) -> Result<()> {
         let step = self.state.step;
+        if !self.world.is_main() {
+            self.saved_step = Some(step);
+            return Ok(());
+        }
         let state = serde_json::to_value(&self.state)?;
         let tensors = self
             .parts()
@@ -273,7 +319,8 @@ impl Trainer {
     /// the loss and gradient norm, AdamW and the EMA. A non-finite step is skipped or stops the
     /// run (`run.on_nonfinite`); either way the step counts.
     pub fn train_step(&mut self) -> Result<StepReport> {
-        let (cfg, step, device) = (&self.cfg, self.state.step, self.device);
+        let (step, device) = (self.state.step, self.device);
+        let cfg = self.cfg.clone();
         if self.objective.refresh_teacher_at(step) {
             let t = self.teacher.as_mut().context("the objective refreshes its teacher but there is none")?;
             let source = self.objective.teacher_refresh_source();
@@ -284,22 +331,48 @@ impl Trainer {
             tracing::info!("step {step}: teacher refreshed from the {} weights", source.name());
         }
         let idx = self.order.next_batch();
-        if self.data.prefetch_depth() > 0 {
-            self.data.prefetch(step + 1, &self.order.peek(self.data.prefetch_depth()));
-        }
-        let (x, class) = self.data.batch(&idx, step, device)?;
-        rng::reseed(cfg.run.seed, step, Stream::Train);
-        let batch = match self.data.coupled_noise(&idx, device) {
-            Some(noise) => Batch::coupled(x, class, noise),
-            None => Batch::new(x, class),
+        let (rank, world_size, micro_batches) = (self.world.rank(), self.world.size(), cfg.run.micro_batches as usize);
+        let parts = world_size * micro_batches;
+        // This rank's micro-batches: global indices rank·m … rank·m + m − 1 of the split batch.
+        let mine = |step: u64, m: usize, rows: &[i64]| -> (u64, Vec<i64>) {
+            let micro = rank * micro_batches + m;
+            let size = rows.len() / parts;
+            (rng::draw_key(step, micro), rows[micro * size..(micro + 1) * size].to_vec())
         };
-        let nets = Nets { online: self.online.net.as_ref(), ema: self.ema_net.as_ref(), teacher: self.teacher.as_ref().map(|t| t.net.as_ref()) };
-        let mut loss = self.objective.loss(nets, &batch, step);
-        if self.opts.inject_nan_at.contains(&step) {
-            loss.value = &loss.value * f64::NAN;
+        if self.data.prefetch_depth() > 0 {
+            let ahead = self.order.peek(self.data.prefetch_depth());
+            let upcoming: Vec<(u64, Vec<i64>)> = ahead.iter().zip(step + 1..).flat_map(|(rows, s)| (0..micro_batches).map(move |m| mine(s, m, rows))).collect();
+            self.data.prefetch(&upcoming);
         }
         self.opt.zero_grad();
-        loss.value.backward();
+        // Σ over this rank's micro-batches of loss / parts (and of each metric): after the sum over
+        // ranks, the mean over the global batch.
+        let mut totals: Option<(Tensor, Vec<(&'static str, Tensor)>)> = None;
+        for m in 0..micro_batches {
+            let (key, rows) = mine(step, m, &idx);
+            let (x, class) = self.data.batch(&rows, key, device)?;
+            rng::reseed(cfg.run.seed, key, Stream::Train);
+            let batch = match self.data.coupled_noise(&rows, device) {
+                Some(noise) => Batch::coupled(x, class, noise),
+                None => Batch::new(x, class),
+            };
+            let nets = Nets { online: self.online.net.as_ref(), ema: self.ema_net.as_ref(), teacher: self.teacher.as_ref().map(|t| t.net.as_ref()) };
+            let mut loss = self.objective.loss(nets, &batch, step);
+            if self.opts.inject_nan_at.contains(&step) {
+                loss.value = &loss.value * f64::NAN;
+            }
+            // One micro-batch in all: the loss as it is (bit for bit what a plain step computes).
+            let scale = |t: &Tensor| if parts == 1 { t.shallow_clone() } else { t / parts as f64 };
+            scale(&loss.value).backward();
+            let value = scale(&loss.value.detach());
+            let metrics: Vec<(&'static str, Tensor)> = loss.metrics.iter().map(|(k, t)| (*k, scale(&t.detach().to_kind(value.kind())))).collect();
+            totals = Some(match totals {
+                None => (value, metrics),
+                Some((v, ms)) => (v + value, ms.into_iter().zip(metrics).map(|((k, a), (_, b))| (k, a + b)).collect()),
+            });
+        }
+        let (value, metrics) = totals.context("run.micro_batches must be at least 1")?;
+        let loss = self.reduce_over_ranks(value, metrics)?;
         let grad_norm = self.opt.clip_and_norm();
         // One host read per step: skipping or stopping needs to know now. CPU–GPU sync.
         let applied = loss.value.isfinite().logical_and(&grad_norm.isfinite()).int64_value(&[]) == 1;
@@ -330,6 +403,31 @@ impl Trainer {
         Ok(StepReport { loss, grad_norm, applied })
     }
 
+    /// Sums the gradients, the loss, its metrics and the stop requests of every rank, in one
+    /// collective over flat buckets (the losses ride in the first bucket's buffer). A world of one
+    /// hands back the loss as it is.
+    fn reduce_over_ranks(&mut self, value: Tensor, metrics: Vec<(&'static str, Tensor)>) -> Result<Loss> {
+        let stop_here = self.opts.stop.load(Ordering::SeqCst);
+        if self.world.size() == 1 {
+            self.stop_agreed = stop_here;
+            return Ok(Loss { value, metrics });
+        }
+        let grads = self.opt.grads();
+        let kind = grads.first().map(|g| g.kind()).unwrap_or(Kind::Float);
+        let mut scalars: Vec<Tensor> = vec![value.reshape([1])];
+        scalars.extend(metrics.iter().map(|(_, t)| t.reshape([1])));
+        scalars.push(Tensor::from_slice(&[f64::from(u8::from(stop_here))]));
+        let packed = Tensor::cat(&scalars.iter().map(|t| t.to_kind(kind).to_device(self.device)).collect::<Vec<_>>(), 0);
+        let mut tensors = vec![packed.shallow_clone()];
+        tensors.extend(grads);
+        self.world.sum_flat(&tensors).with_context(|| format!("summing the gradients of step {}", self.state.step))?;
+        let n = metrics.len() as i64;
+        self.stop_agreed = packed.double_value(&[n + 1]) > 0.0;
+        let value = packed.get(0).to_kind(value.kind());
+        let metrics = metrics.iter().zip(1..).map(|((k, t), i)| (*k, packed.get(i).to_kind(t.kind()))).collect();
+        Ok(Loss { value, metrics })
+    }
+
     /// The weights `[sampling].weights` names (grids and in-training evaluation).
     fn sampling_net(&self) -> &dyn VelocityField {
         match self.cfg.sampling.weights {
@@ -353,18 +451,22 @@ impl Trainer {
         let checkpoints = Cadence::every_and_at_end(cfg.run.checkpoint_every);
         let evals = cfg.eval.as_ref().filter(|e| e.every > 0).map(|e| Cadence::every_and_at_end(e.every));
 
-        let mut metrics = MetricsWriter::open(&self.run.metrics(), self.saved_step)?;
-        let mut tb = EventWriter::create(&self.run.tensorboard())?;
+        // Rank 0 writes metrics, TensorBoard, grids and progress; every rank trains and evaluates.
+        let main = self.world.is_main();
+        let mut writers = match main {
+            true => Some((MetricsWriter::open(&self.run.metrics(), self.saved_step)?, EventWriter::create(&self.run.tensorboard())?)),
+            false => None,
+        };
         // Latent-space runs decode their sample grids with the VAE.
         let grid_vae = match crate::data::vae::for_run(&cfg.vae, &cfg.data) {
-            Some(v) => Some(v.load(self.device)?),
-            None => None,
+            Some(v) if main => Some(v.load(self.device)?),
+            _ => None,
         };
         let null_class = self.online.net.null_class();
         let (grid_noise, grid_class) = fixed_inputs(cfg.run.seed, cfg.sampling.grid_images, &cfg.model.sample_shape(), cfg.data.num_classes(), null_class, self.device);
         let sampler = cfg.sampler()?;
         let eval_inputs = cfg.eval_inputs()?;
-        let mut progress = Progress::new(self.state.step, total, &cfg.run.name);
+        let mut progress = main.then(|| Progress::new(self.state.step, total, &cfg.run.name));
         let mut evaluator: Option<Evaluator> = None;
         let mut last_log = (Instant::now(), self.state.step);
         let mut last_loss = None;
@@ -373,7 +475,8 @@ impl Trainer {
         let base_time = self.state.train_time_s;
 
         while self.state.step < total {
-            if self.opts.stop.load(Ordering::SeqCst) || self.opts.max_steps_this_call.is_some_and(|m| self.state.step - self.start_step >= m) {
+            let stop = self.stop_agreed || (self.world.size() == 1 && self.opts.stop.load(Ordering::SeqCst));
+            if stop || self.opts.max_steps_this_call.is_some_and(|m| self.state.step - self.start_step >= m) {
                 outcome = Outcome::Interrupted;
                 break;
             }
@@ -384,35 +487,51 @@ impl Trainer {
             if log.due(step, total) {
                 let rate = (step - last_log.1) as f64 * cfg.run.batch_size as f64 / last_log.0.elapsed().as_secs_f64().max(1e-9);
                 last_log = (Instant::now(), step);
-                let shown = self.log_step(&report, step, rate, &mut metrics, &mut tb)?;
+                let shown = match writers.as_mut() {
+                    Some((metrics, tb)) => self.log_step(&report, step, rate, metrics, tb)?,
+                    None => report.loss.value.double_value(&[]),
+                };
                 (logged, last_loss) = (Some((shown, rate)), Some(shown));
             }
-            progress.tick(step, logged.map(|l| l.0), logged.map(|l| l.1));
+            if let Some(p) = progress.as_mut() {
+                p.tick(step, logged.map(|l| l.0), logged.map(|l| l.1));
+            }
 
-            if grids.due(step, total) {
-                write_grids(&sampler, &cfg.sampling.steps, self.sampling_net(), &grid_noise, &grid_class, &self.run, step, &mut tb, grid_vae.as_ref())?;
-                progress.pause_done();
+            if let (true, Some((_, tb))) = (grids.due(step, total), writers.as_mut()) {
+                write_grids(&sampler, &cfg.sampling.steps, self.sampling_net(), &grid_noise, &grid_class, &self.run, step, tb, grid_vae.as_ref())?;
+                if let Some(p) = progress.as_mut() {
+                    p.pause_done();
+                }
             }
             if checkpoints.due(step, total) {
                 self.state.train_time_s = base_time + clock.elapsed().as_secs_f64();
                 self.save()?;
-                progress.pause_done();
+                if let Some(p) = progress.as_mut() {
+                    p.pause_done();
+                }
             }
             // In-training FID (after the checkpoint, so a failing evaluation loses no training).
             // It reseeds the generator from its own stream; the next step reseeds for training.
             if let (Some(ev), true) = (&cfg.eval, evals.is_some_and(|c| c.due(step, total))) {
                 let evaluator = match &evaluator {
                     Some(e) => e,
-                    None => evaluator.insert(Evaluator::new(&eval_inputs, ev, self.device)?),
+                    None => evaluator.insert(Evaluator::new(&eval_inputs, ev, self.world, self.device)?),
                 };
                 let steps = ev.steps.clone().unwrap_or_else(|| cfg.sampling.steps.clone());
-                for r in evaluator.evaluate(&eval_inputs, self.sampling_net(), cfg.sampling.weights, step, &steps, &self.run.root, self.device)? {
-                    tb.scalar(&format!("fid/steps{}", r.steps), r.fid as f32, step as i64)?;
+                let rows = evaluator.evaluate(&eval_inputs, self.sampling_net(), cfg.sampling.weights, step, &steps, &self.run.root, self.device)?;
+                if let Some((_, tb)) = writers.as_mut() {
+                    for r in rows {
+                        tb.scalar(&format!("fid/steps{}", r.steps), r.fid as f32, step as i64)?;
+                    }
                 }
-                progress.pause_done();
+                if let Some(p) = progress.as_mut() {
+                    p.pause_done();
+                }
             }
         }
-        progress.finish();
+        if let Some(p) = progress {
+            p.finish();
+        }
         if self.data.skipped() > 0 {
             tracing::warn!("{} unreadable image files were skipped (each replaced by the next readable index)", self.data.skipped());
         }
@@ -441,6 +560,50 @@ impl Trainer {
         tb.scalar("grad_norm", grad_norm as f32, step as i64)?;
         tb.scalar("img_per_s", rate as f32, step as i64)?;
         Ok(shown)
+    }
+}
+
+/// Rank 0 locks the run directory, chooses the checkpoint to resume from (or creates the
+/// directory) and tells the other ranks its step; they open the same checkpoint read-only.
+fn open_run_dir(world: &World, run: &RunDir, ckdir: &CheckpointDir, cfg: &ExperimentConfig, table: &toml::Table, opts: &TrainOptions) -> Result<(Option<FileLock>, Option<Checkpoint>)> {
+    /// Sent in place of a step when rank 0 could not open the run directory.
+    const FAILED: i64 = -2;
+    if world.is_main() {
+        let opened = (|| -> Result<(FileLock, Option<Checkpoint>)> {
+            let lock = run.lock()?;
+            let resume_from = match opts.resume {
+                Resume::Auto => ckdir.latest()?,
+                Resume::Never => {
+                    ensure!(!ckdir.has_any(), "{} already has checkpoints: pass --resume auto to continue it, or choose another run.name", run.root.display());
+                    None
+                }
+            };
+            match &resume_from {
+                None => run.create(table)?,
+                Some(ck) => crate::config::change::check_resume(run, cfg, table, ck.step, opts.allow_config_change)?,
+            }
+            Ok((lock, resume_from))
+        })();
+        let told = match &opened {
+            Ok((_, ck)) => ck.as_ref().map_or(-1, |c| c.step as i64),
+            Err(_) => FAILED,
+        };
+        world.broadcast_i64(told)?;
+        let (lock, resume_from) = opened?;
+        tracing::info!("run directory {}", run.root.display());
+        return Ok((Some(lock), resume_from));
+    }
+    match world.broadcast_i64(0)? {
+        FAILED => bail!("rank 0 could not open the run directory {} (its log says why)", run.root.display()),
+        -1 => Ok((None, None)),
+        step => {
+            let ck = ckdir
+                .candidates()
+                .into_iter()
+                .find(|c| c.step as i64 == step)
+                .with_context(|| format!("rank 0 resumes {} from step {step}, which rank {} cannot see (is the run directory on a shared filesystem?)", run.root.display(), world.rank()))?;
+            Ok((None, Some(ck)))
+        }
     }
 }
 

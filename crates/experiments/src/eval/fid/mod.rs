@@ -7,6 +7,7 @@
 //! * [`Reference`]: statistics of a data split (cached by [`stats_cache_key`]) or of an `.npz`.
 //! * [`evaluate_steps`]: FID (and KID) at a list of step counts in one call, appended to `fid.csv`
 //!   with the step count and the measured NFE.
+use crate::run::world::World;
 use anyhow::{bail, ensure, Context, Result};
 use std::io::Write;
 use std::path::Path;
@@ -123,24 +124,39 @@ fn check_convention(inception: &Inception, reference: &Reference) -> Result<()> 
 
 /// Evaluates FID (and KID, see [`score_features`]) at every step count in `step_counts`.
 ///
-/// `generate(steps, n)` returns n images (n, C, H, W) in [−1, 1] sampled with `steps` steps, as a
-/// tensor or as [`Sampled`] with the NFE it measured. It is called repeatedly with
-/// n ≤ `settings.generate_batch` until `settings.num_samples` images are made for that step count
-/// (keep fixed seeds and labels inside the closure). A row's `nfe` is the mean over its images
-/// (None unless every call measured it). When `csv` is given, each row is appended to it as soon
-/// as it is computed (the header is written to a new file and checked on an existing one).
-/// Returns the rows in the order of `step_counts`.
-pub fn evaluate_steps<G, S>(inception: &Inception, reference: &Reference, step_counts: &[usize], sample: &SampleSetting, settings: &EvalSettings, csv: Option<&Path>, mut generate: G) -> Result<Vec<FidRow>>
+/// `generate(steps, chunk, n)` returns the n images of chunk `chunk` (n, C, H, W) in [−1, 1],
+/// sampled with `steps` steps, as a tensor or as [`Sampled`] with the NFE it measured; chunk c
+/// holds samples c·`settings.generate_batch` … and n ≤ `settings.generate_batch` (keep the seeds
+/// and labels a function of the chunk). A row's `nfe` is the mean over its images (None unless
+/// every call measured it).
+///
+/// Data-parallel: rank k of W generates chunks k, k + W, …, and the Inception features are
+/// gathered on rank 0, which adds them to the statistics in chunk order, so W ranks give the
+/// number one process gives in about 1/W of the time. Rank 0 must pass the `reference`; it scores,
+/// appends each row to `csv` as soon as it is computed (the header is written to a new file and
+/// checked on an existing one) and returns the rows in the order of `step_counts`. The other ranks
+/// return no rows.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_steps<G, S>(inception: &Inception, reference: Option<&Reference>, world: &World, step_counts: &[usize], sample: &SampleSetting, settings: &EvalSettings, csv: Option<&Path>, mut generate: G) -> Result<Vec<FidRow>>
 where
-    G: FnMut(usize, usize) -> Result<S>,
+    G: FnMut(usize, usize, usize) -> Result<S>,
     S: Into<Sampled>,
 {
-    check_convention(inception, reference)?;
+    let reference = match (world.is_main(), reference) {
+        (true, Some(r)) => {
+            check_convention(inception, r)?;
+            Some(r)
+        }
+        (true, None) => bail!("evaluate_steps: rank 0 needs the reference statistics"),
+        (false, _) => None,
+    };
     ensure!(settings.num_samples >= 2, "FID needs at least 2 samples, got {}", settings.num_samples);
     ensure!(settings.generate_batch >= 1, "generate_batch must be at least 1");
+    let batch = settings.generate_batch;
+    let chunks = settings.num_samples.div_ceil(batch);
     let mut rows = Vec::with_capacity(step_counts.len());
     // The reference side of KID is the same for every step count: prepared once.
-    let kid_reference = match (&settings.kid, &reference.features) {
+    let kid_reference = match (&settings.kid, reference.and_then(|r| r.features.as_ref())) {
         (Some(kid), Some(ref_features)) => Some(KidReference::new(ref_features, settings.num_samples, kid)?),
         _ => None,
     };
@@ -149,25 +165,51 @@ where
         // Keep the features only when KID will use them; FID needs just the running sums.
         let keep = kid_reference.is_some();
         let mut stats = FeatureStats::new(FEATURE_DIM);
-        let mut chunks = Vec::new();
-        let mut done = 0;
-        // Σ nfe·n over the calls; None once a call does not count.
+        let mut kept = Vec::new();
+        // Σ nfe·n over the chunks; None once a chunk does not count.
         let mut evaluations = Some(0.0);
-        while done < settings.num_samples {
-            let n = settings.generate_batch.min(settings.num_samples - done);
-            let Sampled { images, nfe } = generate(steps, n).with_context(|| format!("generating {n} images with {steps} steps"))?.into();
-            ensure!(images.dim() == 4 && images.size()[0] == n as i64, "generate({steps}, {n}) returned shape {:?}, expected ({n}, C, H, W)", images.size());
-            evaluations = evaluations.zip(nfe).map(|(sum, nfe)| sum + nfe * n as f64);
-            let features = inception.features(&images)?;
-            stats.update(&features)?;
-            if keep {
-                chunks.push(features);
+        for round in (0..chunks).step_by(world.size()) {
+            let chunk = round + world.rank();
+            let n = match chunk < chunks {
+                true => batch.min(settings.num_samples - chunk * batch),
+                false => 0,
+            };
+            // (features padded to `batch` rows, [n, Σ nfe or −1]) of this rank's chunk.
+            let (features, meta) = if n > 0 {
+                let Sampled { images, nfe } = generate(steps, chunk, n).with_context(|| format!("generating {n} images with {steps} steps"))?.into();
+                ensure!(images.dim() == 4 && images.size()[0] == n as i64, "generate({steps}, {chunk}, {n}) returned shape {:?}, expected ({n}, C, H, W)", images.size());
+                let features = inception.features(&images)?;
+                let meta = Tensor::from_slice(&[n as f64, nfe.map_or(-1.0, |v| v * n as f64)]).to_device(features.device());
+                (features, meta)
+            } else {
+                let device = inception.device();
+                (Tensor::zeros([0, FEATURE_DIM], (tch::Kind::Double, device)), Tensor::from_slice(&[0.0, 0.0]).to_device(device))
+            };
+            let padded = match world.size() {
+                1 => features,
+                _ => Tensor::cat(&[features.shallow_clone(), features.new_zeros([(batch - n) as i64, FEATURE_DIM], (features.kind(), features.device()))], 0),
+            };
+            let (all_features, all_meta) = (world.gather(&padded)?, world.gather(&meta)?);
+            if !world.is_main() {
+                continue;
             }
-            done += n;
+            for (f, m) in all_features.iter().zip(&all_meta) {
+                let (n, nfe) = (m.double_value(&[0]) as i64, m.double_value(&[1]));
+                if n == 0 {
+                    continue;
+                }
+                let f = f.narrow(0, 0, n);
+                evaluations = evaluations.zip((nfe >= 0.0).then_some(nfe)).map(|(sum, v)| sum + v);
+                stats.update(&f)?;
+                if keep {
+                    kept.push(f);
+                }
+            }
         }
+        let Some(reference) = reference else { continue };
         let fid = stats.finish()?.frechet_distance(&reference.stats)?;
         let kid = match &kid_reference {
-            Some(r) => Some(r.kid(&Tensor::cat(&chunks, 0))?),
+            Some(r) => Some(r.kid(&Tensor::cat(&kept, 0))?),
             None => None,
         };
         let score = Score { fid, kid };
@@ -178,6 +220,7 @@ where
             fid = score.fid,
             kid = ?score.kid.map(|k| k.mean),
             kid_std = ?score.kid.map(|k| k.std),
+            ranks = world.size(),
             seconds = start.elapsed().as_secs_f64(),
             "evaluated"
         );
