@@ -384,3 +384,18 @@ fn pid_alive(pid: i64) -> bool {
         Err(e) => e.kind() != std::io::ErrorKind::NotFound,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::pid_alive;
+
+    #[test]
+    fn a_zombie_counts_as_gone() {
+        assert!(pid_alive(i64::from(std::process::id())));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300)); // exited, not reaped: a zombie
+        assert!(!pid_alive(i64::from(child.id())));
+        child.wait().unwrap();
+        assert!(!pid_alive(i64::from(child.id())));
+    }
+}

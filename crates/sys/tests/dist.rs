@@ -30,6 +30,16 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn worker() {
     let Ok(scenario) = std::env::var(SCENARIO) else { return };
+    // Also a limit from inside: torchrun's workers run in their own sessions, out of reach of the
+    // parent's kill, and a stray rank would keep the output pipe (and so the parent) waiting.
+    std::thread::spawn(|| {
+        std::thread::sleep(CHILD_LIMIT);
+        eprintln!("worker: still running after {CHILD_LIMIT:?}, exiting");
+        std::process::exit(124);
+    });
+    if scenario == "sleep" {
+        std::thread::sleep(Duration::from_secs(600));
+    }
     let env = DistEnv::from_env().expect("reading the rank's variables").expect("a world of more than one");
     if std::env::var("FLOWMAP_DIST_EXPECT_AGENT_STORE").is_ok() {
         assert!(env.agent_store, "torchrun sets TORCHELASTIC_USE_AGENT_STORE=True: {env:?}");
@@ -207,8 +217,15 @@ fn run_all(mut commands: Vec<Command>, limit: Duration) -> Vec<Finished> {
         .into_iter()
         .map(|(mut child, readers, status)| {
             if status.is_none() {
-                // SAFETY: signals this child's own process group (torchrun's workers included).
-                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+                // SIGTERM first: torchrun then stops its workers (they run in sessions of their own).
+                let group = -(child.id() as libc::pid_t);
+                // SAFETY: signals the process group this child leads (process_group(0) above).
+                unsafe { libc::kill(group, libc::SIGTERM) };
+                let term = Instant::now();
+                while child.try_wait().ok().flatten().is_none() && term.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                unsafe { libc::kill(group, libc::SIGKILL) };
                 let _ = child.wait();
             }
             let out = readers.into_iter().flatten().map(|r| r.join().unwrap()).collect::<Vec<_>>().join("\n---- stderr ----\n");
@@ -307,6 +324,16 @@ fn a_hung_peer_gives_a_timeout_error_not_a_hang() {
     assert!(ranks.iter().all(|f| f.status.is_some_and(|s| s.success())), "{}", all_output(&ranks));
     println!("{}", error_line(&ranks[0].out));
     println!("hung peer: {:.2} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn a_hung_rank_is_killed_at_the_limit() {
+    let _g = serial();
+    let started = Instant::now();
+    let port = free_port();
+    let ranks = run_all(vec![rank_command("sleep", 0, 2, port, &[])], Duration::from_secs(2));
+    assert!(ranks[0].status.is_none(), "{}", all_output(&ranks));
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
 
 /// The venv's torchrun (scripts/setup.sh: $FLOWMAP_VENV, else $FLOWMAP_CACHE/venv-torch-2.11.0).
