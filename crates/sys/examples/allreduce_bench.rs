@@ -14,6 +14,11 @@
 //! `--max-mb N` (default 64). Rank 0 prints, per size, the slowest rank's time per all_reduce_sum,
 //! the algorithm bandwidth (bytes / time) and the bus bandwidth (algbw · 2(n−1)/n, the traffic per
 //! rank of a ring all-reduce, comparable across world sizes as in nccl-tests).
+//!
+//! Measured on a shared 2-core CPU machine (loopback, 2 ranks, Gloo, torchrun): bus bandwidth about
+//! 0.4-0.6 GB/s at 1 MB and 1.3-1.7 GB/s at 8-64 MB (64 MB in 39-44 ms); PyTorch 2.11's own
+//! `torch.distributed.all_reduce` (Gloo, same sizes and iteration counts) ran at the same speed
+//! within the run-to-run noise.
 use flowmap_sys::dist::{Backend, DistEnv, ProcessGroup};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
