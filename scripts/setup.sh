@@ -2,7 +2,8 @@
 # One-time (and idempotent) set-up for flowmap on a fresh machine:
 #   1. a Python venv with torch==2.11.0 outside the checkout (per-user cache, keyed by version and
 #      CUDA build: FLOWMAP_TORCH_CUDA = cu130 (default) | cu128 | cu126 | cpu; README "Set-up");
-#   2. MNIST, Fashion-MNIST and the FID Inception weights in the data cache, sha256-verified;
+#      plus the small CUDA header packages flowmap-sys needs for ProcessGroupNCCL (cu130);
+#   2. MNIST, Fashion-MNIST, the FID Inception weights and the gloo headers in the cache, sha256-verified;
 #   3. .cargo/config.toml pointing cargo at that libtorch (rpath, libtorch_cuda kept).
 # A second run finds everything in place and downloads nothing.
 set -euo pipefail
@@ -65,6 +66,21 @@ else
   touch "$VENV/.flowmap-ready"
 fi
 TORCH_DIR=$("$VENV/bin/python" -c 'import torch,os;print(os.path.dirname(torch.__file__))')
+
+# ---- 1b. CUDA headers for flowmap-sys' ProcessGroupNCCL (cu130 only; about 3 MB) ----
+# The wheel's nvidia/cu13/include lacks crt/ and CCCL (<nv/target>), which ProcessGroupNCCL.hpp pulls
+# in. These are the versions torch 2.11.0's cuda-toolkit 13.0.2 names for its crt and cccl extras.
+# Optional: without them flowmap-sys builds without NCCL (Backend::Nccl then returns an error).
+NV_INCLUDE="$(dirname "$TORCH_DIR")/nvidia/cu13/include"
+if [ "$TORCH_CUDA" = cu130 ]; then
+  if [ -f "$NV_INCLUDE/crt/host_config.h" ] && [ -f "$NV_INCLUDE/cccl/nv/target" ]; then
+    log "CUDA headers for NCCL ok"
+  elif "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85; then
+    log "installed CUDA headers for NCCL (nvidia-cuda-crt, nvidia-cuda-cccl)"
+  else
+    log "WARNING: could not install nvidia-cuda-crt/nvidia-cuda-cccl: flowmap-sys will be built without NCCL"
+  fi
+fi
 
 # ---- 2. data ----
 FLOWMAP_CACHE="$CACHE" FLOWMAP_VENV="$VENV" "$here/data/fetch.sh"

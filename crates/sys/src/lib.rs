@@ -1,12 +1,15 @@
 //! libtorch features that tch 0.24 does not bind, through a small C++ shim (`csrc/glue.cpp`):
 //! forward-mode AD levels, scaled-dot-product-attention backend switches, autocast with a chosen
-//! dtype (bfloat16), TF32, deterministic algorithms and libtorch's fused AdamW kernel.
+//! dtype (bfloat16), TF32, deterministic algorithms and libtorch's fused AdamW kernel; and, in
+//! [`dist`], c10d process groups (`csrc/dist.cpp`: TCPStore, ProcessGroupGloo, ProcessGroupNCCL).
 //!
 //! Every switch has a guard that restores the previous state when dropped, so a panic or an early
 //! return never leaves the process in a changed mode.
 use std::ffi::{c_char, CStr};
 use std::sync::atomic::{AtomicI64, Ordering};
 use tch::Tensor;
+
+pub mod dist;
 
 mod ffi {
     use std::ffi::c_char;
