@@ -191,7 +191,7 @@ fn two_rank_fid_equals_one_rank_fid() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     // eval.batch = 4: chunks of 4, 4 and 2 samples, so rank 0 generates two and rank 1 one.
-    ok(&mut flowmap(&train_args(&run, &["run.steps=2", "eval.num_samples=10", "eval.batch=4"], &[])), "training");
+    ok(&mut flowmap(&train_args(&run, &["run.steps=10", "eval.num_samples=10", "eval.batch=4"], &[])), "training");
     let fid = |launcher: &[&str]| -> String {
         let mut args: Vec<String> = launcher.iter().map(|s| s.to_string()).collect();
         args.extend(["fid", "--run", run.to_str().unwrap(), "--steps", "1,2", "--num-samples", "10", "--ref-images", "12"].map(String::from));
@@ -207,4 +207,34 @@ fn two_rank_fid_equals_one_rank_fid() {
     let rows = flowmap_experiments::eval::fid::read_fid_csv(&run.join("fid.csv")).unwrap();
     assert_eq!(rows.len(), 4);
     assert_eq!((rows[0].fid, rows[1].fid, rows[0].nfe), (rows[2].fid, rows[3].fid, rows[2].nfe));
+    assert_ne!(rows[0].fid, rows[1].fid, "1 and 2 sampling steps should give different samples");
+}
+
+/// The venv's torchrun (scripts/setup.sh: $FLOWMAP_VENV, else $FLOWMAP_CACHE/venv-torch-2.11.0).
+fn torchrun() -> Option<PathBuf> {
+    let venv = std::env::var_os("FLOWMAP_VENV").map(PathBuf::from).or_else(|| {
+        let cache = std::env::var_os("FLOWMAP_CACHE").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/flowmap")))?;
+        Some(cache.join("venv-torch-2.11.0"))
+    })?;
+    Some(venv.join("bin/torchrun")).filter(|p| p.exists())
+}
+
+#[test]
+fn torchrun_runs_flowmap_train_as_it_runs_a_pytorch_job() {
+    let Some(torchrun) = torchrun() else {
+        println!("SKIPPED: no torchrun in the venv (FLOWMAP_VENV / FLOWMAP_CACHE); run `make setup`");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (by_torchrun, by_launch) = (dir.path().join("torchrun"), dir.path().join("launch"));
+    let sets = ["run.steps=3"];
+    let mut c = Command::new(torchrun);
+    c.args(["--standalone", "--nproc-per-node=2", "--no-python", env!("CARGO_BIN_EXE_flowmap")]).args(train_args(&by_torchrun, &sets, &[])).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = ok(&mut c, "torchrun --nproc-per-node=2 --no-python flowmap train");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rank 1 of 2"), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut launch = vec!["launch".to_string(), "--nproc".into(), "2".into(), "--".into()];
+    launch.extend(train_args(&by_launch, &sets, &[]));
+    ok(&mut flowmap(&launch), "flowmap launch --nproc 2");
+    let d = max_diff(&latest(&by_torchrun).tensors("model").unwrap(), &latest(&by_launch).tensors("model").unwrap());
+    assert_eq!(d, 0.0, "torchrun and flowmap launch trained different weights (max diff {d:.3e})");
 }

@@ -55,7 +55,10 @@ fn main() -> Result<()> {
             }
             let steps = if steps.is_empty() { ev.steps.clone().unwrap_or(cfg.sampling.steps.clone()) } else { steps };
             let rows = evaluator::evaluate_run(&run, &cfg.eval_inputs()?, &ev, weights, &steps, cfg.run.device.device()?)?;
-            println!("steps,fid,kid");
+            // Under a data-parallel launch rank 0 scores and prints; the other ranks have no rows.
+            if !rows.is_empty() {
+                println!("steps,fid,kid");
+            }
             for r in rows {
                 println!("{},{:.3},{}", r.steps, r.fid, r.kid.map(|k| format!("{k:.5}")).unwrap_or_default());
             }

@@ -194,28 +194,7 @@ impl Trainer {
         let opt = AdamW::over(&[("", &online.vs), (OBJECTIVE_PREFIX, &objective_vs)], cfg.optimizer.clone());
         let order = Order::new(data.len(), cfg.run.batch_size as usize, cfg.run.seed, Default::default())?;
         let state = TrainerState { seed: cfg.run.seed, flowmap_version: env!("CARGO_PKG_VERSION").into(), ..Default::default() };
-        let mut trainer = Self {
-            cfg: cfg.clone(),
-            opts: opts.clone(),
-            device,
-            run,
-            _lock: lock,
-            world,
-            stop_agreed: false,
-            ckdir,
-            objective,
-            objective_vs,
-            online,
-            ema,
-            ema_net,
-            opt,
-            teacher,
-            data,
-            order,
-            state,
-            saved_step: None,
-            start_step: 0,
-        };
+        let mut trainer = Self { cfg: cfg.clone(), opts: opts.clone(), device, run, _lock: lock, world, stop_agreed: false, ckdir, objective, objective_vs, online, ema, ema_net, opt, teacher, data, order, state, saved_step: None, start_step: 0 };
         if let Some(ck) = resume_from {
             trainer.restore(&ck)?;
         }
