@@ -16,8 +16,10 @@ use tch::{nn, Device, Tensor};
 /// large model does not need a second copy of all its gradients at once.
 pub const BUCKET_BYTES: usize = 64 << 20;
 
-/// Default time a collective may wait for the other ranks (`FLOWMAP_DIST_TIMEOUT_S` overrides).
-pub const DEFAULT_TIMEOUT_S: u64 = 600;
+/// Default time a collective may wait for the other ranks (`FLOWMAP_DIST_TIMEOUT_S` overrides):
+/// torch.distributed's 30 minutes, as ranks wait while rank 0 alone computes a run's first
+/// reference statistics (cached afterwards) or writes a checkpoint.
+pub const DEFAULT_TIMEOUT_S: u64 = 1800;
 
 /// This process's place in the job, and the process group when there is more than one.
 pub struct World {
