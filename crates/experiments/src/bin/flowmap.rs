@@ -70,6 +70,16 @@ fn main() -> Result<()> {
             flowmap_experiments::cli::reflow_pairs::make_pairs(&teacher, &cfg, &req, &out, cfg.run.device.device()?)?;
             println!("{}", out.display());
         }
+        Command::Demo2d { out, seeds, steps, toy } => {
+            let toys = if toy.is_empty() { flowmap_experiments::demo::toy_data::Toy::ALL.to_vec() } else { toy };
+            anyhow::ensure!(seeds >= 1 && steps >= 1, "--seeds and --steps must be at least 1");
+            let settings = flowmap_experiments::demo::toy::ToySettings { seeds, train_steps: steps, ..Default::default() };
+            let report = flowmap_experiments::demo::run_2d(&toys, &settings, &out)?;
+            println!("{}", report.markdown);
+            for f in report.figures.iter().chain([&report.table, &report.csv]) {
+                println!("{}", f.display());
+            }
+        }
         Command::Launch { nproc, master_port, args } => {
             flowmap_experiments::cli::launch::launch(&flowmap_experiments::cli::launch::LaunchRequest { nproc, master_port, args }, stop_flag()?)?;
         }

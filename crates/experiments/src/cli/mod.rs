@@ -155,6 +155,23 @@ pub enum Command {
         #[arg(long)]
         ref_images: Option<usize>,
     },
+    /// The demo's 2-D part: flow matching, Shortcut, MeanFlow and consistency training on 2-D
+    /// distributions (MLP), sampled at 1-16 steps; scatter figures and a sliced-W1 table.
+    #[command(name = "demo-2d")]
+    Demo2d {
+        /// Output folder (table.md, scores.csv, one PNG per distribution).
+        #[arg(long, default_value = "runs/demo/2d")]
+        out: PathBuf,
+        /// Training seeds per (distribution, method).
+        #[arg(long, default_value_t = 3)]
+        seeds: u64,
+        /// Training steps per model.
+        #[arg(long, default_value_t = 1000)]
+        steps: u64,
+        /// Distributions (default: all three).
+        #[arg(long, value_delimiter = ',')]
+        toy: Vec<crate::demo::toy_data::Toy>,
+    },
     /// Start N local ranks of a data-parallel job (for machines without torchrun):
     /// `flowmap launch --nproc 2 -- train CONFIG`. torchrun (`torchrun --no-python
     /// --nproc-per-node=2 flowmap train CONFIG`) and Slurm (`srun flowmap train CONFIG`) work too.

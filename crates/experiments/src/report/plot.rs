@@ -14,16 +14,16 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 static FONT_BYTES: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 const SIZE: (u32, u32) = (900, 600);
 /// Longest series drawn point by point; longer ones are averaged in bins (loss curves).
 const MAX_POINTS: usize = 2000;
 /// tab10 colours.
-const COLORS: [RGBColor; 10] =
+pub(crate) const COLORS: [RGBColor; 10] =
     [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127), RGBColor(188, 189, 34), RGBColor(23, 190, 207)];
 
 /// Registers the embedded font with plotters once per process.
-fn register_font() -> Result<()> {
+pub(crate) fn register_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok());
     ensure!(ok, "the embedded DejaVu Sans font failed to load");
