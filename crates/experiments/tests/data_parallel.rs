@@ -194,7 +194,7 @@ fn two_rank_fid_equals_one_rank_fid() {
     ok(&mut flowmap(&train_args(&run, &["run.steps=10", "eval.num_samples=10", "eval.batch=4"], &[])), "training");
     let fid = |launcher: &[&str]| -> String {
         let mut args: Vec<String> = launcher.iter().map(|s| s.to_string()).collect();
-        args.extend(["fid", "--run", run.to_str().unwrap(), "--steps", "1,2", "--num-samples", "10", "--ref-images", "12"].map(String::from));
+        args.extend(["fid", "--run", run.to_str().unwrap(), "--steps", "1,2", "--num-samples", "10", "--ref-images", "12", "--seeds", "2"].map(String::from));
         let mut c = flowmap(&args);
         c.env("FLOWMAP_DERIVED_CACHE", dir.path().join("cache"));
         String::from_utf8_lossy(&ok(&mut c, &format!("{args:?}")).stdout).into_owned()
@@ -202,12 +202,17 @@ fn two_rank_fid_equals_one_rank_fid() {
     let one = fid(&[]);
     let two = fid(&["launch", "--nproc", "2", "--"]);
     eprintln!("1 rank:\n{one}2 ranks:\n{two}");
-    assert!(one.contains("steps,fid,kid"), "{one}");
+    assert!(one.contains("steps,eval_seed,fid,kid"), "{one}");
     assert_eq!(one, two, "FID of the same samples differs between 1 and 2 ranks");
+    // Rows of one evaluation: (steps 1, 2) × (eval_seed 0, 1); the two evaluations agree.
     let rows = flowmap_experiments::eval::fid::read_fid_csv(&run.join("fid.csv")).unwrap();
-    assert_eq!(rows.len(), 4);
-    assert_eq!((rows[0].fid, rows[1].fid, rows[0].nfe), (rows[2].fid, rows[3].fid, rows[2].nfe));
+    assert_eq!(rows.len(), 8);
+    assert_eq!(rows.iter().map(|r| (r.steps, r.eval_seed)).collect::<Vec<_>>()[..4], [(1, 0), (2, 0), (1, 1), (2, 1)]);
+    for (a, b) in rows[..4].iter().zip(&rows[4..]) {
+        assert_eq!((a.fid, a.kid, a.nfe), (b.fid, b.kid, b.nfe));
+    }
     assert_ne!(rows[0].fid, rows[1].fid, "1 and 2 sampling steps should give different samples");
+    assert_ne!(rows[0].fid, rows[2].fid, "evaluation seeds 0 and 1 should draw different noise");
 }
 
 /// The venv's torchrun (scripts/setup.sh: $FLOWMAP_VENV, else $FLOWMAP_CACHE/venv-torch-2.11.0).

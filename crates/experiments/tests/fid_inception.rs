@@ -91,7 +91,7 @@ fn fid_of_a_split_against_itself_is_zero_and_against_a_shifted_copy_is_large() {
     let mut offset = 0;
     // one subset of all 12 rows: the exact unbiased estimate, no subset noise
     let settings = EvalSettings { num_samples: n as usize, generate_batch: 8, kid: Some(KidSettings { num_subsets: 1, max_subset_size: 1000, seed: 0 }) };
-    let sample = SampleSetting { train_step: 100, cfg_scale: 1.0, weights: "ema".into() };
+    let sample = SampleSetting { train_step: 100, cfg_scale: 1.0, weights: "ema".into(), eval_seed: 0 };
     let rows = evaluate_steps(&net, Some(&reference), &World::single(), &[1, 2, 4, 8], &sample, &settings, Some(&csv), |nfe, _chunk, count| {
         let source = match nfe {
             1 => &shifted,

@@ -216,16 +216,25 @@ fn fid_csv_round_trip() {
         preprocess: "pytorch_fid".into(),
         fid,
         kid,
+        eval_seed: steps as u64 % 2,
     };
     let rows = vec![row(1, Some(2.0), 123.456789012345, Some(0.0123)), row(2, None, 45.5, None), row(3, Some(5.5), 7.25, None)];
     append_fid_csv(&path, &rows[..1]).unwrap();
     append_fid_csv(&path, &rows[1..]).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(text.lines().next().unwrap(), "train_step,steps,nfe,cfg_scale,weights,num_samples,ref_stats,preprocess,fid,kid");
+    assert_eq!(text.lines().next().unwrap(), "train_step,steps,nfe,cfg_scale,weights,num_samples,ref_stats,preprocess,fid,kid,eval_seed");
     assert_eq!(text.lines().count(), 4, "one header, three rows:\n{text}");
     assert!(text.lines().nth(1).unwrap().starts_with("5000,1,2,1.5,ema,"), "{text}");
     assert!(text.contains("\"mnist-test-10000, first\""));
     assert_eq!(read_fid_csv(&path).unwrap(), rows);
+    // A file written before the eval_seed column: read as seed 0, upgraded on the next append.
+    let before = dir.path().join("before.csv");
+    std::fs::write(&before, "train_step,steps,nfe,cfg_scale,weights,num_samples,ref_stats,preprocess,fid,kid\n100,1,1,1,ema,8,r,pytorch_fid,12.5,\n").unwrap();
+    assert_eq!(read_fid_csv(&before).unwrap()[0].eval_seed, 0);
+    append_fid_csv(&before, &rows[2..]).unwrap();
+    let upgraded = std::fs::read_to_string(&before).unwrap();
+    assert_eq!(upgraded.lines().collect::<Vec<_>>()[..2], ["train_step,steps,nfe,cfg_scale,weights,num_samples,ref_stats,preprocess,fid,kid,eval_seed", "100,1,1,1,ema,8,r,pytorch_fid,12.5,,0"]);
+    assert_eq!(read_fid_csv(&before).unwrap()[1], rows[2]);
     let other = dir.path().join("other.csv");
     std::fs::write(&other, "a,b\n1,2\n").unwrap();
     assert!(append_fid_csv(&other, &rows).is_err(), "a foreign header is not appended to");

@@ -6,7 +6,7 @@ use std::path::Path;
 const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
 
 fn row(step: u64, steps: usize, fid: f64, weights: &str) -> FidRow {
-    FidRow { train_step: step, steps, nfe: Some(steps as f64), cfg_scale: 1.0, weights: weights.into(), num_samples: 1000, ref_stats: "mnist-test-10000".into(), preprocess: "pytorch_fid".into(), fid, kid: None }
+    FidRow { train_step: step, steps, nfe: Some(steps as f64), cfg_scale: 1.0, weights: weights.into(), num_samples: 1000, ref_stats: "mnist-test-10000".into(), preprocess: "pytorch_fid".into(), fid, kid: None, eval_seed: 0 }
 }
 
 /// Checks the PNG decodes at 900x600 with more than one colour and returns the SVG text.
@@ -84,7 +84,7 @@ fn legacy_fid_csv_reads_its_nfe_column_as_steps_and_is_upgraded_on_append() {
     // Appending rewrites the file with the current header and keeps the old rows.
     append_fid_csv(&path, &[FidRow { nfe: Some(4.0), ..row(200, 2, 90.0, "ema") }]).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(text.lines().next().unwrap(), "train_step,steps,nfe,cfg_scale,weights,num_samples,ref_stats,preprocess,fid,kid");
+    assert_eq!(text.lines().next().unwrap(), "train_step,steps,nfe,cfg_scale,weights,num_samples,ref_stats,preprocess,fid,kid,eval_seed");
     let all = flowmap_experiments::eval::fid::read_fid_csv(&path).unwrap();
     assert_eq!(all[..2], old[..]);
     assert_eq!((all[2].steps, all[2].nfe, all[2].train_step), (2, Some(4.0), 200));

@@ -67,7 +67,7 @@ set = ["objective.kind=mean_flow", "sampling.rule=jump"]
     assert!(Path::new(run).join("samples/sample/steps1.png").exists());
 
     let fid = flowmap(&["fid", "--run", run, "--steps", "2", "--num-samples", "4", "--ref-images", "6"]);
-    assert!(fid.starts_with("steps,fid,kid\n2,"), "{fid}");
+    assert!(fid.starts_with("steps,eval_seed,fid,kid\n2,0,"), "{fid}");
     let plots = flowmap(&["plot", "--run", run, "--run", out.join("flow-matching").to_str().unwrap(), "--out", dir.path().join("plots").to_str().unwrap()]);
     assert!(plots.contains("fid_vs_steps.svg") && plots.contains("loss.png"), "{plots}");
 }

@@ -38,9 +38,9 @@ fn main() -> Result<()> {
             let out = sample_export::sample_run(&run, &cfg, &req, cfg.run.device.device()?)?;
             println!("samples in {}", out.display());
         }
-        Command::Fid { run, steps, num_samples, weights, tf, ref_npz, ref_images } => {
+        Command::Fid { run, steps, num_samples, weights, tf, ref_npz, ref_images, seeds } => {
             let cfg = read_run_config(&run)?;
-            let mut ev = cfg.eval.clone().unwrap_or(evaluator::EvalConfig { num_samples: 1000, steps: None, reference: Default::default(), preprocess: Default::default(), kid: true, batch: 100, every: 0 });
+            let mut ev = cfg.eval.clone().unwrap_or(evaluator::EvalConfig { num_samples: 1000, steps: None, reference: Default::default(), preprocess: Default::default(), kid: true, batch: 100, every: 0, seeds: 1 });
             if let Some(n) = num_samples {
                 ev.num_samples = n;
             }
@@ -53,14 +53,17 @@ fn main() -> Result<()> {
             if ref_images.is_some() {
                 ev.reference.num_images = ref_images;
             }
+            if let Some(n) = seeds {
+                ev.seeds = n;
+            }
             let steps = if steps.is_empty() { ev.steps.clone().unwrap_or(cfg.sampling.steps.clone()) } else { steps };
             let rows = evaluator::evaluate_run(&run, &cfg.eval_inputs()?, &ev, weights, &steps, cfg.run.device.device()?)?;
             // Under a data-parallel launch rank 0 scores and prints; the other ranks have no rows.
             if !rows.is_empty() {
-                println!("steps,fid,kid");
+                println!("steps,eval_seed,fid,kid");
             }
             for r in rows {
-                println!("{},{:.3},{}", r.steps, r.fid, r.kid.map(|k| format!("{k:.5}")).unwrap_or_default());
+                println!("{},{},{:.3},{}", r.steps, r.eval_seed, r.fid, r.kid.map(|k| format!("{k:.5}")).unwrap_or_default());
             }
         }
         Command::ReflowPairs { teacher, count, steps, weights, batch, out } => {

@@ -154,6 +154,9 @@ pub enum Command {
         /// Reference images: the first N of the split, N >= 2 (default: `[eval].reference` or the whole split).
         #[arg(long)]
         ref_images: Option<usize>,
+        /// Evaluation seeds (each its own noise, one row each; default: eval.seeds or 1).
+        #[arg(long)]
+        seeds: Option<u64>,
     },
     /// The demo's 2-D part: flow matching, Shortcut, MeanFlow and consistency training on 2-D
     /// distributions (MLP), sampled at 1-16 steps; scatter figures and a sliced-W1 table.

@@ -41,6 +41,14 @@ pub struct EvalConfig {
     /// also evaluate while training, every N steps and at the end; 0 (default) = only by `fid`/`table`
     #[serde(default)]
     pub every: u64,
+    /// evaluation seeds: each draws its own noise and labels and gives its own rows (eval_seed
+    /// 0, 1, …), so tables can show the seed-to-seed spread; default 1 (the run's seed)
+    #[serde(default = "one_seed")]
+    pub seeds: u64,
+}
+
+fn one_seed() -> u64 {
+    1
 }
 
 fn yes() -> bool {
@@ -79,6 +87,7 @@ impl EvalConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.num_samples >= 2, "eval.num_samples = {} (fid --num-samples): must be >= 2 (FID needs a covariance)", self.num_samples);
         ensure!(self.batch >= 1, "eval.batch = {}: must be >= 1", self.batch);
+        ensure!(self.seeds >= 1, "eval.seeds = {}: must be >= 1", self.seeds);
         if let Some(steps) = &self.steps {
             check_steps(steps, "eval.steps")?;
         }
@@ -190,6 +199,8 @@ pub struct Evaluator {
     /// Rank 0's (the ranks that only generate need none).
     reference: Option<fid::Reference>,
     world: &'static World,
+    /// `[eval].seeds`.
+    seeds: u64,
     vae: Option<flowmap_models::vae::Vae>,
     settings: EvalSettings,
 }
@@ -206,7 +217,7 @@ impl Evaluator {
         // Latent-space runs: decode with the VAE before the Inception network.
         let vae = crate::data::vae::for_run(run.vae, run.data).map(|v| v.load(device)).transpose()?;
         let settings = EvalSettings { num_samples: eval.num_samples, generate_batch: eval.batch, kid: eval.kid.then(KidSettings::default) };
-        Ok(Self { inception, reference, world, vae, settings })
+        Ok(Self { inception, reference, world, vae, settings, seeds: eval.seeds })
     }
 
     /// FID (and KID) of `net` at `steps` with the run's sampler, appended to `<run>/fid.csv` with
@@ -217,20 +228,26 @@ impl Evaluator {
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate(&self, run_cfg: &EvalInputs, net: &dyn VelocityField, weights: Weights, train_step: u64, steps: &[usize], run: &Path, device: Device) -> Result<Vec<FidRow>> {
         check_steps(steps, "step counts")?;
-        let setting = SampleSetting { train_step, cfg_scale: run_cfg.sampler.cfg_scale, weights: weights.name().into() };
         let shape = run_cfg.model.sample_shape();
         let num_classes = run_cfg.data.num_classes();
         let null = net.null_class();
         let batch = self.settings.generate_batch;
-        let generate = |s: usize, chunk: usize, n: usize| -> Result<fid::Sampled> {
-            rng::reseed(run_cfg.seed, chunk as u64, Stream::Eval);
-            let noise = crate::eval::sampling::noise(n as i64, &shape, device);
-            let class = crate::eval::sampling::cycled_classes(n as i64, (chunk * batch) as i64, num_classes, null, device);
-            let generated = run_cfg.sampler.generate_counted(net, noise, &class, s);
-            Ok(fid::Sampled { images: crate::data::vae::to_pixels(self.vae.as_ref(), generated.x.to_kind(Kind::Float)), nfe: Some(generated.nfe) })
-        };
         let csv = RunDir::new(run).fid_csv();
-        fid::evaluate_steps(&self.inception, self.reference.as_ref(), self.world, steps, &setting, &self.settings, Some(&csv), generate)
+        let mut rows = Vec::new();
+        for eval_seed in 0..self.seeds {
+            // Seed 0 is the run's own stream; the others are derived from it.
+            let base = if eval_seed == 0 { run_cfg.seed } else { rng::seed(run_cfg.seed, eval_seed, Stream::EvalSeed) as u64 };
+            let setting = SampleSetting { train_step, cfg_scale: run_cfg.sampler.cfg_scale, weights: weights.name().into(), eval_seed };
+            let generate = |s: usize, chunk: usize, n: usize| -> Result<fid::Sampled> {
+                rng::reseed(base, chunk as u64, Stream::Eval);
+                let noise = crate::eval::sampling::noise(n as i64, &shape, device);
+                let class = crate::eval::sampling::cycled_classes(n as i64, (chunk * batch) as i64, num_classes, null, device);
+                let generated = run_cfg.sampler.generate_counted(net, noise, &class, s);
+                Ok(fid::Sampled { images: crate::data::vae::to_pixels(self.vae.as_ref(), generated.x.to_kind(Kind::Float)), nfe: Some(generated.nfe) })
+            };
+            rows.extend(fid::evaluate_steps(&self.inception, self.reference.as_ref(), self.world, steps, &setting, &self.settings, Some(&csv), generate)?);
+        }
+        Ok(rows)
     }
 }
 

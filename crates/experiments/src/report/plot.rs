@@ -174,7 +174,7 @@ pub fn nfe_note(points: &[(usize, Option<f64>)]) -> Option<String> {
 pub fn fid_vs_sampling_steps_series(run: &str, rows: &[FidRow]) -> Vec<Series> {
     type Key = (String, u64, String, String, usize);
     type Part = (bool, fn(&Key) -> String);
-    type Points = BTreeMap<usize, (f64, Option<f64>)>; // steps → (fid, nfe)
+    type Points = BTreeMap<usize, (f64, Option<f64>, usize)>; // steps → (Σ fid, nfe, evaluation seeds)
     let mut groups: BTreeMap<Key, (u64, Points)> = BTreeMap::new();
     for r in rows {
         let key = (r.weights.clone(), r.cfg_scale.to_bits(), r.ref_stats.clone(), r.preprocess.clone(), r.num_samples);
@@ -183,7 +183,9 @@ pub fn fid_vs_sampling_steps_series(run: &str, rows: &[FidRow]) -> Vec<Series> {
             *entry = (r.train_step, BTreeMap::new());
         }
         if r.train_step == entry.0 {
-            entry.1.insert(r.steps, (r.fid, r.nfe));
+            // Several evaluation seeds of one cell: the line goes through their mean.
+            let cell = entry.1.entry(r.steps).or_insert((0.0, r.nfe, 0));
+            (cell.0, cell.2) = (cell.0 + r.fid, cell.2 + 1);
         }
     }
     let keys: Vec<&Key> = groups.keys().collect();
@@ -199,9 +201,9 @@ pub fn fid_vs_sampling_steps_series(run: &str, rows: &[FidRow]) -> Vec<Series> {
         .iter()
         .map(|(k, (_, points))| {
             let mut extra: Vec<String> = parts.iter().filter(|(v, _)| *v).map(|(_, f)| f(k)).collect();
-            extra.extend(nfe_note(&points.iter().map(|(&steps, &(_, nfe))| (steps, nfe)).collect::<Vec<_>>()));
+            extra.extend(nfe_note(&points.iter().map(|(&steps, &(_, nfe, _))| (steps, nfe)).collect::<Vec<_>>()));
             let name = if extra.is_empty() { run.to_string() } else { format!("{run} ({})", extra.join(", ")) };
-            Series { name, points: points.iter().map(|(&steps, &(fid, _))| (steps as f64, fid)).collect() }
+            Series { name, points: points.iter().map(|(&steps, &(sum, _, n))| (steps as f64, sum / n as f64)).collect() }
         })
         .collect()
 }
@@ -235,7 +237,8 @@ pub fn fid_vs_sampling_steps_from_runs(run_dirs: &[PathBuf], out_stem: &Path) ->
 /// FID against training step, one line per step count (and weights / CFG scale when they vary).
 pub fn fid_vs_step(rows: &[FidRow], out_stem: &Path) -> Result<PlotFiles> {
     let mut groups: BTreeMap<(usize, String, u64), BTreeMap<u64, f64>> = BTreeMap::new();
-    for r in rows {
+    // One line per step count through evaluation seed 0 (the run's own noise).
+    for r in rows.iter().filter(|r| r.eval_seed == 0) {
         groups.entry((r.steps, r.weights.clone(), r.cfg_scale.to_bits())).or_default().insert(r.train_step, r.fid);
     }
     let settings: std::collections::BTreeSet<_> = groups.keys().map(|k| (k.1.clone(), k.2)).collect();

@@ -104,16 +104,23 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
         let t1 = Instant::now();
         let have: Vec<FidRow> = if RunDir::new(dir).fid_csv().exists() { read_fid_csv(&RunDir::new(dir).fid_csv())? } else { vec![] };
         let matches = |r: &FidRow, s: usize| {
-            r.train_step == summary.step && r.steps == s && r.num_samples == spec.eval.num_samples && r.weights == spec.table.weights.name() && r.preprocess == spec.eval.preprocess.name() && r.cfg_scale == cfg.sampling.cfg_scale
+            r.train_step == summary.step
+                && r.steps == s
+                && r.num_samples == spec.eval.num_samples
+                && r.weights == spec.table.weights.name()
+                && r.preprocess == spec.eval.preprocess.name()
+                && r.cfg_scale == cfg.sampling.cfg_scale
+                && r.eval_seed < spec.eval.seeds
         };
-        let missing: Vec<usize> = spec.table.steps.iter().copied().filter(|&s| !have.iter().any(|r| matches(r, s))).collect();
+        // A step count is missing unless every evaluation seed has its row.
+        let missing: Vec<usize> = spec.table.steps.iter().copied().filter(|&s| (0..spec.eval.seeds).any(|seed| !have.iter().any(|r| matches(r, s) && r.eval_seed == seed))).collect();
         let mut rows: Vec<FidRow> = have.iter().filter(|r| spec.table.steps.iter().any(|&s| matches(r, s))).cloned().collect();
         if !missing.is_empty() {
             tracing::info!("== {}: FID at steps {missing:?} ({} samples each)", row.label, spec.eval.num_samples);
             rows.extend(evaluator::evaluate_run(dir, &cfg.eval_inputs()?, &spec.eval, spec.table.weights, &missing, cfg.run.device.device()?)?);
         }
-        rows.sort_by_key(|r| r.steps);
-        rows.dedup_by_key(|r| r.steps);
+        rows.sort_by_key(|r| (r.steps, r.eval_seed));
+        rows.dedup_by_key(|r| (r.steps, r.eval_seed));
         timings.push((train_s, t1.elapsed().as_secs_f64()));
         results.push((row.label.clone(), rows));
     }
@@ -141,8 +148,9 @@ fn render_markdown(spec: &TableSpec, results: &[(String, Vec<FidRow>)], timings:
     let _ = writeln!(s, "## {}\n", spec.table.name);
     let _ = writeln!(
         s,
-        "FID (lower is better) against `{reference}` from {n} generated images per cell ({pre} convention, {} weights). Small-sample FID is biased upwards; compare within this table only. KID ×10³ in parentheses (unbiased).\n",
-        spec.table.weights.name()
+        "FID (lower is better) against `{reference}` from {n} generated images per cell ({pre} convention, {} weights){}. Small-sample FID is biased upwards; compare within this table only. KID ×10³ in parentheses (unbiased).\n",
+        spec.table.weights.name(),
+        if spec.eval.seeds > 1 { format!(", mean ± std over {} evaluation seeds (each its own noise)", spec.eval.seeds) } else { String::new() }
     );
     let _ = write!(s, "| objective |");
     for st in &spec.table.steps {
@@ -155,28 +163,44 @@ fn render_markdown(spec: &TableSpec, results: &[(String, Vec<FidRow>)], timings:
         let note = crate::report::plot::nfe_note(&rows.iter().map(|r| (r.steps, r.nfe)).collect::<Vec<_>>()).map(|n| format!(" ({n})")).unwrap_or_default();
         let _ = write!(s, "| {label}{note} |");
         for st in &spec.table.steps {
-            match rows.iter().find(|r| r.steps == *st) {
-                Some(r) => {
-                    let _ = write!(s, " {:.1}{} |", r.fid, r.kid.map(|k| format!(" ({:.1})", k * 1e3)).unwrap_or_default());
-                }
-                None => {
-                    let _ = write!(s, " – |");
-                }
-            }
+            let cell: Vec<&FidRow> = rows.iter().filter(|r| r.steps == *st).collect();
+            let fid = mean_std(&cell.iter().map(|r| r.fid).collect::<Vec<_>>());
+            let kid = mean_std(&cell.iter().filter_map(|r| r.kid.map(|k| k * 1e3)).collect::<Vec<_>>());
+            let _ = write!(s, " {} |", fid.map(|f| format!("{}{}", show(f), kid.map(|k| format!(" ({})", show(k))).unwrap_or_default())).unwrap_or_else(|| "–".into()));
         }
         let _ = writeln!(s, " {ts:.0} | {es:.0} |");
     }
     s
 }
 
+/// Mean and sample standard deviation (None for no values; std 0 for one).
+fn mean_std(v: &[f64]) -> Option<(f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64 } else { 0.0 };
+    Some((mean, var.sqrt()))
+}
+
+/// "12.3" for one value, "12.3 ± 0.4" for a spread.
+fn show((mean, std): (f64, f64)) -> String {
+    if std > 0.0 {
+        format!("{mean:.1} ± {std:.1}")
+    } else {
+        format!("{mean:.1}")
+    }
+}
+
 fn render_csv(results: &[(String, Vec<FidRow>)]) -> String {
-    // `nfe` (measured; empty for rows of legacy fid.csv files) is last, after the original columns.
-    let mut s = String::from("objective,steps,fid,kid,num_samples,ref_stats,preprocess,train_step,nfe\n");
+    // `nfe` (measured; empty for rows of legacy fid.csv files) and `eval_seed` come last, after
+    // the original columns.
+    let mut s = String::from("objective,steps,fid,kid,num_samples,ref_stats,preprocess,train_step,nfe,eval_seed\n");
     for (label, rows) in results {
         for r in rows {
             let _ = writeln!(
                 s,
-                "\"{}\",{},{},{},{},{},{},{},{}",
+                "\"{}\",{},{},{},{},{},{},{},{},{}",
                 label.replace('"', "\"\""),
                 r.steps,
                 r.fid,
@@ -185,7 +209,8 @@ fn render_csv(results: &[(String, Vec<FidRow>)]) -> String {
                 r.ref_stats,
                 r.preprocess,
                 r.train_step,
-                r.nfe.map(|n| n.to_string()).unwrap_or_default()
+                r.nfe.map(|n| n.to_string()).unwrap_or_default(),
+                r.eval_seed
             );
         }
     }

@@ -20,6 +20,8 @@ pub enum Stream {
     Augment = 6,
     /// The posterior sample of cached latents, x = (mean + std·eps)·scale.
     Latent = 7,
+    /// The base seeds of evaluation seeds 1, 2, … (`[eval].seeds`; seed 0 is the run's own).
+    EvalSeed = 8,
 }
 
 /// SplitMix64 finaliser: a bijective mix with good avalanche.

@@ -24,7 +24,11 @@ pub use reference::{cached_reference, default_cache_dir, stats_cache_key, tensor
 pub use stats::{frechet_distance, FeatureStats, GaussianStats};
 
 /// Column names of `fid.csv`, in order (long format: one row per evaluation).
-pub const FID_CSV_HEADER: [&str; 10] = ["train_step", "steps", "nfe", "cfg_scale", "weights", "num_samples", "ref_stats", "preprocess", "fid", "kid"];
+pub const FID_CSV_HEADER: [&str; 11] = ["train_step", "steps", "nfe", "cfg_scale", "weights", "num_samples", "ref_stats", "preprocess", "fid", "kid", "eval_seed"];
+
+/// The header of `fid.csv` files written before the `eval_seed` column existed: their rows were
+/// evaluated with seed 0, and an append rewrites such a file in the current format first.
+pub const PRE_SEED_FID_CSV_HEADER: [&str; 10] = ["train_step", "steps", "nfe", "cfg_scale", "weights", "num_samples", "ref_stats", "preprocess", "fid", "kid"];
 
 /// The header of `fid.csv` files written before the `steps` column existed. Their `nfe` column
 /// held the number of sampling steps (not a count of network evaluations), so it is read as
@@ -50,6 +54,8 @@ pub struct FidRow {
     pub fid: f64,
     /// KID mean over subsets; None when the reference has no features.
     pub kid: Option<f64>,
+    /// Which evaluation seed drew the noise and labels (`[eval].seeds`); 0 is the run's own.
+    pub eval_seed: u64,
 }
 
 /// What was sampled: the fixed columns of the rows one [`evaluate_steps`] call writes.
@@ -58,6 +64,8 @@ pub struct SampleSetting {
     pub train_step: u64,
     pub cfg_scale: f64,
     pub weights: String,
+    /// The evaluation seed the generator draws with (written to the rows).
+    pub eval_seed: u64,
 }
 
 /// How many samples, in what chunks, and whether to compute KID.
@@ -235,6 +243,7 @@ where
             preprocess: inception.preprocess().name().to_string(),
             fid: score.fid,
             kid: score.kid.map(|k| k.mean),
+            eval_seed: sample.eval_seed,
         };
         if let Some(path) = csv {
             append_fid_csv(path, std::slice::from_ref(&row))?;
@@ -262,11 +271,12 @@ pub fn append_fid_csv(path: &Path, rows: &[FidRow]) -> Result<()> {
     let header = FID_CSV_HEADER.join(",");
     let mut existing = std::fs::read_to_string(path).unwrap_or_default();
     if let Some(first) = existing.lines().next() {
-        if first.trim_end() == LEGACY_FID_CSV_HEADER.join(",") {
-            let old = read_fid_csv(path).with_context(|| format!("{} has the legacy header (no `steps` column) and could not be read to upgrade it", path.display()))?;
+        let older = [(LEGACY_FID_CSV_HEADER.join(","), "`steps` (their old `nfe` held the step count)"), (PRE_SEED_FID_CSV_HEADER.join(","), "`eval_seed` (0: they were evaluated with the run's seed)")];
+        if let Some((_, what)) = older.iter().find(|(h, _)| first.trim_end() == h) {
+            let old = read_fid_csv(path).with_context(|| format!("{} has an older header (no {what} column) and could not be read to upgrade it", path.display()))?;
             existing = format!("{header}\n{}", old.iter().map(fid_csv_line).collect::<String>());
-            crate::run::atomic_file::write_atomic(path, existing.as_bytes()).with_context(|| format!("rewriting {} with the `steps` column", path.display()))?;
-            tracing::info!("{}: rewrote {} legacy rows with a `steps` column (their old `nfe` held the step count)", path.display(), old.len());
+            crate::run::atomic_file::write_atomic(path, existing.as_bytes()).with_context(|| format!("rewriting {} with the current columns", path.display()))?;
+            tracing::info!("{}: rewrote {} older rows with the column {what}", path.display(), old.len());
         } else {
             ensure!(first.trim_end() == header, "{} has header `{first}`, expected `{header}`; not appending", path.display());
         }
@@ -292,7 +302,8 @@ pub fn append_fid_csv(path: &Path, rows: &[FidRow]) -> Result<()> {
 /// One `fid.csv` record in [`FID_CSV_HEADER`] order, with its line break.
 fn fid_csv_line(r: &FidRow) -> String {
     let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
-    let fields = [r.train_step.to_string(), r.steps.to_string(), opt(r.nfe), r.cfg_scale.to_string(), csv_field(&r.weights), r.num_samples.to_string(), csv_field(&r.ref_stats), csv_field(&r.preprocess), r.fid.to_string(), opt(r.kid)];
+    let fields =
+        [r.train_step.to_string(), r.steps.to_string(), opt(r.nfe), r.cfg_scale.to_string(), csv_field(&r.weights), r.num_samples.to_string(), csv_field(&r.ref_stats), csv_field(&r.preprocess), r.fid.to_string(), opt(r.kid), r.eval_seed.to_string()];
     fields.join(",") + "\n"
 }
 
@@ -347,7 +358,7 @@ pub fn read_fid_csv(path: &Path) -> Result<Vec<FidRow>> {
         Some(i) => (i, col("nfe")),
         None => (need("nfe").with_context(|| format!("{} has neither a `steps` column nor a legacy `nfe` column", path.display()))?, None),
     };
-    let i_kid = col("kid");
+    let (i_kid, i_seed) = (col("kid"), col("eval_seed"));
     body.iter()
         .enumerate()
         .map(|(line, r)| {
@@ -361,6 +372,10 @@ pub fn read_fid_csv(path: &Path) -> Result<Vec<FidRow>> {
                 }
             };
             let kid = optional(i_kid)?;
+            let eval_seed = match i_seed.and_then(|i| r.get(i)).map(|s| s.trim()) {
+                None | Some("") => 0,
+                Some(_) => int(i_seed.expect("checked"))?,
+            };
             Ok(FidRow {
                 train_step: int(i_step)?,
                 steps: int(i_steps)? as usize,
@@ -372,6 +387,7 @@ pub fn read_fid_csv(path: &Path) -> Result<Vec<FidRow>> {
                 preprocess: get(i_pre)?.to_string(),
                 fid: num(i_fid)?,
                 kid,
+                eval_seed,
             })
         })
         .collect()
