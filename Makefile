@@ -12,7 +12,7 @@ build: setup
 	$(CARGO) build --release --workspace --bins
 
 demo: build
-	./target/release/flowmap table experiments/demo_mnist.toml
+	./scripts/demo.sh
 
 # Formatting and lints are part of the tests: CI fails on unformatted code or any clippy warning.
 test: setup

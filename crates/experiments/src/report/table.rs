@@ -67,11 +67,15 @@ fn slug(label: &str) -> String {
     s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
 }
 
-/// Reads and checks a spec (every row's config must load).
+/// Reads and checks a spec: its tables, and every row's config with the spec's and the row's
+/// `set` overrides applied (a bad override or a missing row file is an error naming the row).
 pub fn read_spec(path: &Path) -> Result<TableSpec> {
     let (spec, _): (TableSpec, _) = crate::config::overrides::load(path, &[])?;
     ensure!(!spec.rows.is_empty(), "{}: no [[rows]]", path.display());
     ensure!(!spec.table.steps.is_empty(), "{}: table.steps is empty", path.display());
+    for row in &spec.rows {
+        row_config(path, &spec, row).with_context(|| format!("{}", path.display()))?;
+    }
     Ok(spec)
 }
 
