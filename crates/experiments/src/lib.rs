@@ -6,11 +6,13 @@
 //! * [`train`]: the trainer (loop, saved state, cadences), AdamW, metrics, TensorBoard, progress;
 //! * [`eval`]: sampling, FID/KID, the evaluator, sample export, image grids;
 //! * [`report`]: tables over runs and plots;
-//! * [`cli`]: the `flowmap` command line and the commands that are only glue (doctor, dry run, reflow pairs, migrate-config).
+//! * [`cli`]: the `flowmap` command line and the commands that are only glue (doctor, dry run, reflow pairs, migrate-config);
+//! * [`gpu_check`]: `flowmap gpu-check`, the flowmap half of the GPU acceptance run (`scripts/gpu_check.sh`).
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod gpu_check;
 pub mod report;
 pub mod run;
 pub mod train;
