@@ -23,7 +23,7 @@ def main(argv=None):
     r = sub.add_parser("report", help="merge one run's JSON files into report.json and report.md")
     r.add_argument("out")
     i = sub.add_parser("inception", help="Inception TorchScript files: pack / unpack (fp16 storage), random (torchvision)")
-    i.add_argument("action", choices=["pack", "unpack", "random", "compare"])
+    i.add_argument("action", choices=["pack", "unpack", "roundtrip", "random", "compare"])
     i.add_argument("src", help="source file (random: the output file)")
     i.add_argument("dst", nargs="?")
     sub.add_parser("cuda", help="exit 0 when torch sees a CUDA device, print its name")
@@ -52,6 +52,9 @@ def main(argv=None):
             print(f"{iw.pack(args.src, args.dst)} float32 storages stored as float16 in {args.dst}")
         elif args.action == "unpack":
             print(f"{iw.unpack(args.src, args.dst)} storages restored to float32 in {args.dst}")
+        elif args.action == "roundtrip":
+            iw.pack(args.src, args.dst + ".fp16")
+            print(f"{iw.unpack(args.dst + '.fp16', args.dst)} storages through float16 and back into {args.dst}")
         elif args.action == "compare":
             print(f"max |features difference| / max |features|: {iw.compare(args.src, args.dst):.3e}")
         else:

@@ -316,10 +316,15 @@ def pct(v):
     return "–" if v is None else f"{100 * v:.1f} %"
 
 
+def cuda_version(code):
+    """CUDA's 1000·major + 10·minor encoding as "13.0"."""
+    return None if not code else f"{code // 1000}.{(code % 1000) // 10}"
+
+
 def markdown(r):
     m = r["machine"]
     lines = [f"# flowmap GPU check ({r['mode']})", ""]
-    lines.append(f"{r['created']} on {m['device_name'] or m['device']} ({m['device']}); flowmap's libtorch {m['libtorch_flowmap']} (CUDA {m['libtorch_cuda']}, driver CUDA {m['cuda_driver']}), PyTorch {m['torch_python']}; {fmt(r['duration_s'], digits=0)} s in all.")
+    lines.append(f"{r['created']} on {m['device_name'] or m['device']} ({m['device']}); flowmap's libtorch {m['libtorch_flowmap']} (CUDA {cuda_version(m['libtorch_cuda']) or 'none'}, driver up to CUDA {cuda_version(m['cuda_driver']) or 'none'}), PyTorch {m['torch_python']}; {fmt(r['duration_s'], digits=0)} s in all.")
     lines.append(f"**{'PASS' if r['pass'] else 'FAIL'}**: {len(r['failures'])} failure(s), {len(r['reference_problems'])} problem(s) on the PyTorch side.")
     lines.append("")
     mc = r["model"]["config"] or {}

@@ -393,7 +393,9 @@ pub fn cuda_stream_idle(device: tch::Device) -> Result<Option<bool>> {
 /// Counts the host synchronisations libtorch's CUDA code performs on this thread while alive
 /// (device-to-host copies, `.item()`/`double_value`, stream and device synchronisation): the
 /// mechanism of `torch.cuda.set_sync_debug_mode("warn")`, with the warnings counted instead of
-/// printed. Dropping it restores the previous mode and warning handler. One counter per thread.
+/// printed. Dropping it restores the previous mode and warning handler. One counter per thread;
+/// the debug mode itself is process-wide, so while a counter is active other threads' CUDA
+/// synchronisations print libtorch's "called a synchronizing CUDA operation" warning.
 /// Works wherever libtorch's CUDA library is loaded (it also loads with no GPU, where the count
 /// stays 0); [`SyncCounter::start`] fails with a CPU-only libtorch.
 #[derive(Debug)]
