@@ -347,7 +347,10 @@ def markdown(r):
     lines.append("| measurement | unit | flowmap | PyTorch eager | ratio | PyTorch compiled | ratio | flowmap peak GB | PyTorch peak GB | MFU flowmap / eager / compiled |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for name, row in r["throughput"].items():
-        batch = f" (batch {row['flowmap_batch']})" if row["flowmap_batch"] not in (None, r["model"]["batch"], 1) and name != "forward_batch1" else ""
+        batches = [b for b in (row["flowmap_batch"], row["pytorch_batch"]) if b is not None]
+        batch = ""
+        if name != "forward_batch1" and any(b != r["model"]["batch"] for b in batches):
+            batch = f" (batch {fmt(row['flowmap_batch'])}" + (f", PyTorch {fmt(row['pytorch_batch'])}" if row["pytorch_batch"] != row["flowmap_batch"] else "") + ")"
         lines.append(
             f"| {row['label']}{batch} | {row['unit']} | {fmt(row['flowmap'])} | {fmt(row['pytorch_eager'])} | {fmt(row['ratio_eager'], digits=2)} | {fmt(row['pytorch_compiled'])} | {fmt(row['ratio_compiled'], digits=2)} | {fmt(row['flowmap_peak_gb'], digits=1)} | {fmt(row['pytorch_peak_gb'], digits=1)} | {pct(row['flowmap_mfu'])} / {pct(row['pytorch_mfu'])} / {pct(row['pytorch_compiled_mfu'])} |"
         )
