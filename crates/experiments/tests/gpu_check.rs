@@ -137,6 +137,10 @@ fn quick_gpu_check_runs_every_section_and_compares_one_network() {
         let fid = num(r, "fid.1");
         assert!(fid.is_finite() && fid > 0.0, "{r}");
     }
+    // The bundle's route to the FID weights (float16 copy, restored; FLOWMAP_INCEPTION) was taken.
+    assert!(at(&report, "inception_weights").as_str().unwrap().contains("float16"), "{}", at(&report, "inception_weights"));
+    let mnist_log = std::fs::read_to_string(out.path().join("logs/flowmap_mnist.log")).unwrap();
+    assert!(mnist_log.contains("Inception weights from FLOWMAP_INCEPTION="), "the MNIST FID used another Inception file");
     let plot = out.path().join(at(&report, "mnist.plot_png").as_str().unwrap());
     assert!(plot.exists() && std::fs::metadata(&plot).unwrap().len() > 1000, "{}", plot.display());
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
