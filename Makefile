@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup build demo test doctor bundle
+.PHONY: setup build demo test doctor bundle bundle-gpu-check
 
 setup:
 	@./scripts/setup.sh
@@ -26,3 +26,9 @@ doctor: build
 # Stripped release binaries + run.sh in dist/bundle (git-ignored), for a GPU machine without network.
 bundle: setup
 	./scripts/bundle.sh
+
+# What scripts/gpu_check.sh needs on a GPU machine without network, in under 64 MiB: the flowmap
+# binary (gzip), MNIST and the FID Inception weights stored as float16. Then, there:
+#   dist/bundle/gpu_check.sh OUT
+bundle-gpu-check: setup
+	FLOWMAP_BUNDLE_BINS=flowmap FLOWMAP_BUNDLE_TESTS=0 FLOWMAP_BUNDLE_DATA=mnist FLOWMAP_BUNDLE_WEIGHTS=fp16 FLOWMAP_BUNDLE_GZIP_BINS=1 ./scripts/bundle.sh

@@ -7,12 +7,14 @@
 //! * [`eval`]: sampling, FID/KID, the evaluator, sample export, image grids;
 //! * [`report`]: tables over runs and plots;
 //! * [`demo`]: the 2-D part of `make demo` (one-step against many-step samplers on toy distributions);
-//! * [`cli`]: the `flowmap` command line and the commands that are only glue (doctor, dry run, reflow pairs, migrate-config).
+//! * [`cli`]: the `flowmap` command line and the commands that are only glue (doctor, dry run, reflow pairs, migrate-config);
+//! * [`gpu_check`]: `flowmap gpu-check`, the flowmap half of the GPU acceptance run (`scripts/gpu_check.sh`).
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod gpu_check;
 pub mod report;
 pub mod run;
 pub mod train;

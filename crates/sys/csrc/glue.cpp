@@ -4,6 +4,9 @@
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/core/CachingDeviceAllocator.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/Exception.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/headeronly/version.h>
 
@@ -153,6 +156,105 @@ char *flowmap_cuda_driver_version(int *version) {
           if (!get || get(&v) != 0) throw std::runtime_error("libcuda.so.1 is loaded but cuDriverGetVersion failed");
           *version = v;
         })
+}
+
+// ---- CUDA memory, stream state and host synchronisations, without CUDA headers ----
+// Everything below goes through c10's device-generic interfaces (DeviceAllocator, DeviceGuardImpl)
+// or symbols looked up at run time, so glue.cpp still compiles against a CPU-only libtorch; the
+// Rust side calls these only when tch::Cuda::is_available().
+static void check_cuda_device(int device) {
+  const auto &hooks = at::detail::getCUDAHooks();
+  if (!hooks.hasCUDA()) throw std::runtime_error("CUDA is not available to this libtorch");
+  if (device < 0 || device >= hooks.deviceCount())
+    throw std::invalid_argument("CUDA device " + std::to_string(device) + " does not exist (" +
+                                std::to_string(hooks.deviceCount()) + " visible)");
+}
+
+// The CUDA caching allocator's byte counters of one device (what torch.cuda.memory_allocated,
+// max_memory_allocated, memory_reserved and max_memory_reserved return): out[0..4] =
+// allocated, peak allocated, reserved, peak reserved (the AGGREGATE pool).
+char *flowmap_cuda_memory(int device, int64_t *out) {
+  GUARD(check_cuda_device(device);
+        auto *alloc = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+        if (!alloc->initialized()) { for (int i = 0; i < 4; ++i) out[i] = 0; return nullptr; }
+        auto stats = alloc->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+        const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+        out[0] = stats.allocated_bytes[agg].current; out[1] = stats.allocated_bytes[agg].peak;
+        out[2] = stats.reserved_bytes[agg].current; out[3] = stats.reserved_bytes[agg].peak;)
+}
+// torch.cuda.reset_peak_memory_stats(device).
+char *flowmap_cuda_reset_peak(int device) {
+  GUARD(check_cuda_device(device); auto *alloc = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+        if (alloc->initialized()) alloc->resetPeakStats(static_cast<c10::DeviceIndex>(device));)
+}
+// torch.cuda.empty_cache(): returns cached, unused blocks to the driver.
+char *flowmap_cuda_empty_cache() {
+  GUARD(auto *alloc = c10::getDeviceAllocator(c10::DeviceType::CUDA); if (alloc->initialized()) alloc->emptyCache();)
+}
+// Whether every kernel queued on the device's current stream has finished (cudaStreamQuery),
+// torch.cuda.current_stream(device).query().
+char *flowmap_cuda_stream_idle(int device, bool *idle) {
+  GUARD(check_cuda_device(device);
+        const auto *impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+        c10::Stream s = impl->getStream(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
+        *idle = impl->queryStream(s);)
+}
+
+// Host-synchronisation counting, as torch.cuda.set_sync_debug_mode("warn") does it: libc10_cuda
+// checks c10::cuda::warning_state() before every synchronising call (cudaStreamSynchronize after a
+// device-to-host copy, .item(), cudaDeviceSynchronize, ...) and then calls
+// c10::cuda::warn_or_error_on_sync(), which raises a TORCH_WARN. A warning handler of this thread
+// counts those warnings. The state object is the function-local static of the inline
+// c10::cuda::warning_state() (c10/cuda/CUDAFunctions.h), exported by libc10_cuda.so as a unique
+// symbol; its only member is `SyncDebugMode sync_debug_mode` (L_DISABLED = 0, L_WARN = 1,
+// L_ERROR = 2), so it is read and written as an int. Looked up at run time: no CUDA headers needed.
+namespace {
+const char *kWarningStateSymbol = "_ZZN3c104cuda13warning_stateEvE14warning_state_";
+const char *kWarnOnSyncSymbol = "_ZN3c104cuda21warn_or_error_on_syncEv";
+const char *kSyncMessage = "called a synchronizing CUDA operation";
+
+int *sync_debug_mode_slot() {
+  void *sym = dlsym(RTLD_DEFAULT, kWarningStateSymbol);
+  if (!sym) throw std::runtime_error("libc10_cuda.so's c10::cuda::warning_state() is not loaded (a CPU-only libtorch?)");
+  return static_cast<int *>(sym);
+}
+
+struct SyncCountingHandler : public c10::WarningHandler {
+  int64_t syncs = 0;
+  int64_t others = 0;
+  void process(const c10::Warning &w) override {
+    if (w.msg().find(kSyncMessage) != std::string::npos) ++syncs; else ++others;
+  }
+};
+thread_local SyncCountingHandler *active_counter = nullptr;
+thread_local c10::WarningHandler *previous_handler = nullptr;
+thread_local int previous_mode = 0;
+}  // namespace
+
+// Starts counting on this thread (sync debug mode "warn" plus the counting handler).
+char *flowmap_sync_count_begin() {
+  GUARD(if (active_counter) throw std::runtime_error("host-sync counting is already active on this thread");
+        int *mode = sync_debug_mode_slot(); previous_mode = *mode;
+        active_counter = new SyncCountingHandler();
+        previous_handler = c10::WarningUtils::get_warning_handler();
+        c10::WarningUtils::set_warning_handler(active_counter); *mode = 1;)
+}
+// The synchronisations (and other warnings) counted since begin, without stopping.
+char *flowmap_sync_count_read(int64_t *syncs, int64_t *others) {
+  GUARD(if (!active_counter) throw std::runtime_error("host-sync counting is not active on this thread");
+        *syncs = active_counter->syncs; *others = active_counter->others;)
+}
+// Stops counting and restores the previous mode and handler.
+char *flowmap_sync_count_end() {
+  GUARD(if (!active_counter) return nullptr; *sync_debug_mode_slot() = previous_mode;
+        c10::WarningUtils::set_warning_handler(previous_handler); delete active_counter;
+        active_counter = nullptr; previous_handler = nullptr;)
+}
+// What libc10_cuda calls before a synchronising operation; for tests of the counter without a GPU.
+char *flowmap_sync_debug_probe() {
+  GUARD(void *sym = dlsym(RTLD_DEFAULT, kWarnOnSyncSymbol);
+        if (!sym) throw std::runtime_error("c10::cuda::warn_or_error_on_sync is not loaded");
+        reinterpret_cast<void (*)()>(sym)();)
 }
 
 }  // extern "C"

@@ -1,6 +1,7 @@
 //! libtorch features that tch 0.24 does not bind, through a small C++ shim (`csrc/glue.cpp`):
 //! forward-mode AD levels, scaled-dot-product-attention backend switches, autocast with a chosen
-//! dtype (bfloat16), TF32, deterministic algorithms and libtorch's fused AdamW kernel; and, in
+//! dtype (bfloat16), TF32, deterministic algorithms, libtorch's fused AdamW kernel, CUDA
+//! caching-allocator statistics (peak memory), stream state and a host-synchronisation counter; and, in
 //! [`dist`], c10d process groups (`csrc/dist.cpp`: TCPStore, ProcessGroupGloo, ProcessGroupNCCL).
 //!
 //! Every switch has a guard that restores the previous state when dropped, so a panic or an early
@@ -30,6 +31,14 @@ mod ffi {
         pub fn flowmap_cuda_device_name(index: i32, buf: *mut c_char, len: i32) -> *mut c_char;
         pub fn flowmap_torch_cuda_version(version: *mut i32) -> *mut c_char;
         pub fn flowmap_cuda_driver_version(version: *mut i32) -> *mut c_char;
+        pub fn flowmap_cuda_memory(device: i32, out: *mut i64) -> *mut c_char;
+        pub fn flowmap_cuda_reset_peak(device: i32) -> *mut c_char;
+        pub fn flowmap_cuda_empty_cache() -> *mut c_char;
+        pub fn flowmap_cuda_stream_idle(device: i32, idle: *mut bool) -> *mut c_char;
+        pub fn flowmap_sync_count_begin() -> *mut c_char;
+        pub fn flowmap_sync_count_read(syncs: *mut i64, others: *mut i64) -> *mut c_char;
+        pub fn flowmap_sync_count_end() -> *mut c_char;
+        pub fn flowmap_sync_debug_probe() -> *mut c_char;
         pub fn flowmap_fused_adamw(
             params: *const *mut torch_sys::C_tensor,
             grads: *const *mut torch_sys::C_tensor,
@@ -321,4 +330,111 @@ pub fn cuda_driver_version() -> Result<Option<i32>> {
     let mut v = 0;
     check(unsafe { ffi::flowmap_cuda_driver_version(&mut v) })?;
     Ok((v > 0).then_some(v))
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA memory, stream state and host synchronisations
+// ---------------------------------------------------------------------------------------------
+
+/// The CUDA caching allocator's byte counters of one device (`torch.cuda.memory_allocated`,
+/// `max_memory_allocated`, `memory_reserved`, `max_memory_reserved`). Peaks count from the last
+/// [`cuda_reset_peak_memory`] (or from the start of the process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CudaMemory {
+    pub allocated: i64,
+    pub peak_allocated: i64,
+    pub reserved: i64,
+    pub peak_reserved: i64,
+}
+
+/// The CUDA device index of `device`, or None for the CPU (or when libtorch sees no CUDA device).
+fn cuda_index(device: tch::Device) -> Option<i32> {
+    match device {
+        tch::Device::Cuda(i) if tch::Cuda::is_available() => Some(i as i32),
+        _ => None,
+    }
+}
+
+/// Allocator statistics of a CUDA device; `None` on the CPU or without CUDA (the CPU-safe
+/// fallback: callers print "n/a"). Zeros before the first CUDA allocation.
+pub fn cuda_memory(device: tch::Device) -> Result<Option<CudaMemory>> {
+    let Some(i) = cuda_index(device) else { return Ok(None) };
+    let mut out = [0i64; 4];
+    check(unsafe { ffi::flowmap_cuda_memory(i, out.as_mut_ptr()) })?;
+    Ok(Some(CudaMemory { allocated: out[0], peak_allocated: out[1], reserved: out[2], peak_reserved: out[3] }))
+}
+
+/// `torch.cuda.reset_peak_memory_stats(device)`; a no-op on the CPU.
+pub fn cuda_reset_peak_memory(device: tch::Device) -> Result<()> {
+    match cuda_index(device) {
+        Some(i) => check(unsafe { ffi::flowmap_cuda_reset_peak(i) }),
+        None => Ok(()),
+    }
+}
+
+/// `torch.cuda.empty_cache()`: cached, unused blocks go back to the driver; a no-op without CUDA.
+pub fn cuda_empty_cache() -> Result<()> {
+    if !tch::Cuda::is_available() {
+        return Ok(());
+    }
+    check(unsafe { ffi::flowmap_cuda_empty_cache() })
+}
+
+/// Whether all work queued on the device's current CUDA stream has finished (`cudaStreamQuery`,
+/// no synchronisation); `None` on the CPU. A call that returns while this is `false` did not wait
+/// for the GPU.
+pub fn cuda_stream_idle(device: tch::Device) -> Result<Option<bool>> {
+    let Some(i) = cuda_index(device) else { return Ok(None) };
+    let mut idle = false;
+    check(unsafe { ffi::flowmap_cuda_stream_idle(i, &mut idle) })?;
+    Ok(Some(idle))
+}
+
+/// Counts the host synchronisations libtorch's CUDA code performs on this thread while alive
+/// (device-to-host copies, `.item()`/`double_value`, stream and device synchronisation): the
+/// mechanism of `torch.cuda.set_sync_debug_mode("warn")`, with the warnings counted instead of
+/// printed. Dropping it restores the previous mode and warning handler. One counter per thread;
+/// the debug mode itself is process-wide, so while a counter is active other threads' CUDA
+/// synchronisations print libtorch's "called a synchronizing CUDA operation" warning.
+/// Works wherever libtorch's CUDA library is loaded (it also loads with no GPU, where the count
+/// stays 0); [`SyncCounter::start`] fails with a CPU-only libtorch.
+#[derive(Debug)]
+pub struct SyncCounter {
+    _not_send: std::marker::PhantomData<*const ()>, // the handler is thread-local
+}
+
+impl SyncCounter {
+    pub fn start() -> Result<Self> {
+        check(unsafe { ffi::flowmap_sync_count_begin() })?;
+        Ok(Self { _not_send: std::marker::PhantomData })
+    }
+    /// Synchronisations counted so far.
+    pub fn syncs(&self) -> i64 {
+        self.read().0
+    }
+    /// (synchronisations, other libtorch warnings) counted so far; other warnings are swallowed
+    /// while the counter is active.
+    pub fn read(&self) -> (i64, i64) {
+        let (mut syncs, mut others) = (0, 0);
+        match check(unsafe { ffi::flowmap_sync_count_read(&mut syncs, &mut others) }) {
+            Ok(()) => (syncs, others),
+            Err(e) => {
+                tracing::error!("reading the host-sync counter: {e}");
+                (-1, -1)
+            }
+        }
+    }
+    /// Calls the hook libtorch's CUDA code calls before a synchronising operation, as if one
+    /// happened (for tests of the counter on machines without a GPU).
+    pub fn probe() -> Result<()> {
+        check(unsafe { ffi::flowmap_sync_debug_probe() })
+    }
+}
+
+impl Drop for SyncCounter {
+    fn drop(&mut self) {
+        if let Err(e) = check(unsafe { ffi::flowmap_sync_count_end() }) {
+            tracing::error!("stopping the host-sync counter: {e}");
+        }
+    }
 }

@@ -184,3 +184,60 @@ fn build_facts() {
         assert!(!cuda_device_name(0).unwrap().is_empty());
     }
 }
+
+#[test]
+fn cuda_memory_statistics_are_none_on_cpu_and_count_bytes_on_cuda() {
+    let _g = lock();
+    assert_eq!(cuda_memory(Device::Cpu).unwrap(), None);
+    cuda_reset_peak_memory(Device::Cpu).unwrap();
+    cuda_empty_cache().unwrap();
+    assert_eq!(cuda_stream_idle(Device::Cpu).unwrap(), None);
+    if !tch::Cuda::is_available() {
+        // The CPU-safe fallback also covers a CUDA device index when no GPU is visible.
+        assert_eq!(cuda_memory(Device::Cuda(0)).unwrap(), None);
+        eprintln!("no CUDA device: only the CPU fallbacks were checked");
+        return;
+    }
+    let dev = Device::Cuda(0);
+    let before = cuda_memory(dev).unwrap().unwrap();
+    let bytes = 64 << 20;
+    let t = Tensor::ones([bytes / 4], (Kind::Float, dev));
+    let during = cuda_memory(dev).unwrap().unwrap();
+    assert!(during.allocated - before.allocated >= bytes, "{before:?} -> {during:?}");
+    assert!(during.peak_allocated >= during.allocated && during.reserved >= during.allocated);
+    drop(t);
+    cuda_reset_peak_memory(dev).unwrap();
+    let after = cuda_memory(dev).unwrap().unwrap();
+    assert!(after.peak_allocated < during.peak_allocated, "reset lowers the peak: {during:?} -> {after:?}");
+    cuda_empty_cache().unwrap();
+    assert!(cuda_memory(dev).unwrap().unwrap().reserved <= after.reserved);
+}
+
+#[test]
+fn sync_counter_counts_what_libtorch_reports_and_restores_the_mode() {
+    let _g = lock();
+    // With no counter active the hook is silent (the debug mode is off).
+    SyncCounter::probe().unwrap();
+    {
+        let counter = SyncCounter::start().unwrap();
+        assert!(SyncCounter::start().is_err(), "one counter per thread");
+        assert_eq!(counter.syncs(), 0);
+        SyncCounter::probe().unwrap();
+        SyncCounter::probe().unwrap();
+        assert_eq!(counter.syncs(), 2);
+        // Host reads of CPU tensors are not CUDA synchronisations.
+        let x = Tensor::from_slice(&[1.0f32, 2.0]);
+        assert_eq!(x.sum(Kind::Float).double_value(&[]), 3.0);
+        assert_eq!(counter.syncs(), 2);
+        if tch::Cuda::is_available() {
+            let y = x.to_device(Device::Cuda(0)).sum(Kind::Float);
+            let before = counter.syncs();
+            assert_eq!(y.double_value(&[]), 3.0); // device-to-host copy: one synchronisation
+            assert!(counter.syncs() > before, "a CUDA .item() must count");
+        }
+    }
+    // Dropped: the mode is restored, so the hook is silent again and a new counter starts at 0.
+    SyncCounter::probe().unwrap();
+    let again = SyncCounter::start().unwrap();
+    assert_eq!(again.syncs(), 0);
+}

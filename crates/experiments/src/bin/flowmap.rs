@@ -130,6 +130,11 @@ fn main() -> Result<()> {
         }
         Command::MigrateConfig { files } => print!("{}", flowmap_experiments::cli::migrate_config::run(&files)?),
         Command::Doctor => print!("{}", flowmap_experiments::cli::doctor::report()?),
+        Command::GpuCheck { section, out, work, quick, device, inception, train_seconds } => {
+            let opts = flowmap_experiments::gpu_check::GpuCheckOptions { quick, device: device.device()?, work, inception, train_seconds };
+            flowmap_experiments::gpu_check::run(section, &opts, &out)?;
+            println!("{}", out.display());
+        }
     }
     Ok(())
 }

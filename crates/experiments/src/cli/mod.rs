@@ -207,4 +207,27 @@ pub enum Command {
     Table { spec: PathBuf },
     /// Print torch/CUDA facts, cache locations and which data sets and weights are verified.
     Doctor,
+    /// One section of the GPU acceptance run (`scripts/gpu_check.sh` runs them all beside the
+    /// PyTorch reference and writes report.json / report.md); writes the section's JSON to --out.
+    GpuCheck {
+        #[arg(value_enum)]
+        section: crate::gpu_check::Section,
+        /// The section's JSON file (rewritten after every measurement).
+        #[arg(long)]
+        out: PathBuf,
+        /// Folder for weights, inputs and runs.
+        #[arg(long)]
+        work: PathBuf,
+        /// Tiny models, few iterations: every code path in seconds (CI runs it on the CPU).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+        /// Inception TorchScript file to time (bench); real or random weights.
+        #[arg(long)]
+        inception: Option<PathBuf>,
+        /// Wall-clock cap of each MNIST training run in seconds (mnist; default 75, quick 30).
+        #[arg(long)]
+        train_seconds: Option<f64>,
+    },
 }

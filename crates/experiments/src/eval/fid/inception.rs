@@ -17,6 +17,9 @@ pub const INCEPTION_SIZE: i64 = 299;
 pub const FEATURE_DIM: i64 = 2048;
 /// Path of the weights inside the data dir (the key in data/SHA256SUMS).
 const WEIGHTS_REL: &str = "inception/pt_inception-2015-12-05.pt";
+/// Names a TorchScript Inception file to use instead of the verified download (for example the
+/// float16-stored copy a GPU bundle restores); FID cache keys then use that file's sha256.
+pub const INCEPTION_ENV: &str = "FLOWMAP_INCEPTION";
 /// Images per Inception forward unless set otherwise.
 const DEFAULT_BATCH: usize = 50;
 
@@ -100,8 +103,14 @@ impl std::fmt::Debug for Inception {
 
 impl Inception {
     /// Loads the verified weights from the data cache (`cache::inception_weights()`); fails with
-    /// the fix (`make setup`) when the file is missing or its checksum is wrong.
+    /// the fix (`make setup`) when the file is missing or its checksum is wrong. `FLOWMAP_INCEPTION`
+    /// ([`INCEPTION_ENV`]) names another file to load instead (see [`Self::load_from`]).
     pub fn load(device: Device, preprocess: Preprocess) -> Result<Self> {
+        if let Some(path) = std::env::var_os(INCEPTION_ENV).filter(|p| !p.is_empty()) {
+            let path = std::path::PathBuf::from(path);
+            tracing::info!("Inception weights from {INCEPTION_ENV}={}", path.display());
+            return Self::load_from(&path, device, preprocess).with_context(|| format!("{INCEPTION_ENV}={}", path.display()));
+        }
         cache::require("inception/")?;
         let sha = cache::expected_files().into_iter().find(|(_, rel)| *rel == WEIGHTS_REL).map(|(sha, _)| sha.to_string()).context("data/SHA256SUMS lists no Inception weights")?;
         Self::load_with_checksum(&cache::inception_weights(), sha, device, preprocess)

@@ -18,7 +18,7 @@ pub mod kid;
 pub mod reference;
 pub mod stats;
 
-pub use inception::{quantize, Inception, Preprocess, FEATURE_DIM, INCEPTION_SIZE};
+pub use inception::{quantize, Inception, Preprocess, FEATURE_DIM, INCEPTION_ENV, INCEPTION_SIZE};
 pub use kid::{kernel_inception_distance, mmd2_unbiased, Kid, KidReference, KidSettings};
 pub use reference::{cached_reference, default_cache_dir, stats_cache_key, tensor_identity, RefDataset, Reference, SplitSpec};
 pub use stats::{frechet_distance, FeatureStats, GaussianStats};
