@@ -196,6 +196,7 @@ pub fn run(opts: &GpuCheckOptions, report: &mut JsonReport) -> Result<()> {
         kid: true,
         batch: scale.eval_batch,
         every: 0,
+        seeds: 1,
     };
     let batch: i64 = scale.overrides.iter().find_map(|o| o.strip_prefix("run.batch_size=")).and_then(|v| v.parse().ok()).unwrap_or(0);
     report.set(
