@@ -4,6 +4,8 @@
 //!   convention by default or the TF one ([`Preprocess`]).
 //! * [`FeatureStats`] / [`GaussianStats`] / [`frechet_distance`]: float64 statistics and distance.
 //! * [`kernel_inception_distance`]: unbiased KID over subsets.
+//! * [`inception_net`]: the network itself (pool3, the sFID layer and the logits in one pass);
+//!   [`inception_score`], [`precision_recall`]: the other numbers of the ADM suite (`crate::eval::adm`).
 //! * [`Reference`]: statistics of a data split (cached by [`stats_cache_key`]) or of an `.npz`.
 //! * [`evaluate_steps`]: FID (and KID) at a list of step counts in one call, appended to `fid.csv`
 //!   with the step count and the measured NFE.
@@ -14,7 +16,10 @@ use std::path::Path;
 use tch::Tensor;
 
 pub mod inception;
+pub mod inception_net;
+pub mod inception_score;
 pub mod kid;
+pub mod precision_recall;
 pub mod reference;
 pub mod stats;
 
