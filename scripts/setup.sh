@@ -82,6 +82,19 @@ if [ "$TORCH_CUDA" = cu130 ]; then
   fi
 fi
 
+# ---- 1c. reference implementations for the evaluation cross-checks (tests only) ----
+# torch-fidelity, pytorch-fid and what they import, pinned with sha256 (tests/python/requirements-eval.txt);
+# --no-deps so that nothing replaces the venv's torch. A stamp holds the file's checksum: a changed pin installs again.
+EVAL_REQ="$here/tests/python/requirements-eval.txt"
+eval_want=$(sha256sum "$EVAL_REQ" | cut -d' ' -f1)
+if [ "$(cat "$VENV/.flowmap-eval-ready" 2>/dev/null)" = "$eval_want" ]; then
+  log "evaluation reference packages ok (torch-fidelity, pytorch-fid)"
+else
+  log "installing the evaluation reference packages (torch-fidelity, pytorch-fid, torchvision; about 16 MB)"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$EVAL_REQ"
+  echo "$eval_want" > "$VENV/.flowmap-eval-ready"
+fi
+
 # ---- 2. data ----
 FLOWMAP_CACHE="$CACHE" FLOWMAP_VENV="$VENV" "$here/data/fetch.sh"
 

@@ -5,5 +5,6 @@ pub mod adm;
 pub mod evaluator;
 pub mod fid;
 pub mod image_grid;
+pub mod npz_export;
 pub mod sample_export;
 pub mod sampling;

@@ -20,6 +20,10 @@ pub enum Stream {
     Augment = 6,
     /// The posterior sample of cached latents, x = (mean + std·eps)·scale.
     Latent = 7,
+    /// The noise of exported sample i (`flowmap export-samples`), keyed by i.
+    ExportNoise = 8,
+    /// The class label of exported sample i, keyed by i.
+    ExportLabel = 9,
 }
 
 /// SplitMix64 finaliser: a bijective mix with good avalanche.

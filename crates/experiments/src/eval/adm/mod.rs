@@ -19,6 +19,7 @@ use anyhow::Result;
 use serde::Serialize;
 use std::path::Path;
 
+pub use activations::{batch_activations, BatchActivations};
 pub use reference_batch::ReferenceBatch;
 
 /// Settings of the suite (defaults: the ADM evaluator's).
@@ -81,16 +82,37 @@ impl AdmMetrics {
     }
 }
 
+/// `flowmap evaluate`: loads the Inception network (with the classifier matrix when given) on
+/// every rank of this process's world, the reference batch, and scores `samples`. Rank 0 returns
+/// the metrics.
+pub fn evaluate_files(samples: &Path, reference: &Path, logits: Option<&Path>, preprocess: Preprocess, settings: &AdmSettings, device: tch::Device) -> Result<Option<AdmMetrics>> {
+    anyhow::ensure!(settings.chunk >= 1, "--batch {}: must be >= 1", settings.chunk);
+    anyhow::ensure!(settings.k >= 1, "--k {}: must be >= 1", settings.k);
+    let world = World::global(device)?;
+    let device = world.device(device);
+    let mut inception = Inception::load(device, preprocess)?.with_batch_size(settings.chunk);
+    if let Some(path) = logits {
+        inception = inception.with_logits(&crate::eval::fid::inception_net::LogitsHead::read_npz(path)?);
+    }
+    let reference = ReferenceBatch::load(reference, &inception, world, settings.chunk, &reference_batch::default_cache_dir())?;
+    evaluate_batch(samples, reference.as_ref(), &inception, world, settings)
+}
+
 /// The ADM suite of the sample batch at `samples` against `reference` (loaded with the same
 /// `inception`). Every rank of `world` must call it (the Inception pass is sharded); rank 0
 /// returns the metrics, the others `None`.
 pub fn evaluate_batch(samples: &Path, reference: Option<&ReferenceBatch>, inception: &Inception, world: &World, settings: &AdmSettings) -> Result<Option<AdmMetrics>> {
     let acts = activations::batch_activations(samples, inception, world, settings.chunk)?;
     let (Some(acts), Some(reference)) = (acts, reference) else { return Ok(None) };
+    score_activations(&samples.display().to_string(), &acts, reference, inception, settings).map(Some)
+}
+
+/// The suite's numbers from a sample batch's activations (see [`evaluate_batch`]).
+pub fn score_activations(samples: &str, acts: &BatchActivations, reference: &ReferenceBatch, inception: &Inception, settings: &AdmSettings) -> Result<AdmMetrics> {
     let stats = acts.pool_stats.finish()?;
-    let fid = stats.frechet_distance(&reference.stats)?;
+    let fid = reference.stats.frechet_distance(&stats)?;
     let sfid = match &reference.spatial_stats {
-        Some(r) => Some(acts.spatial_stats.finish()?.frechet_distance(r)?),
+        Some(r) => Some(r.frechet_distance(&acts.spatial_stats.finish()?)?),
         None => None,
     };
     let precision_recall = match &reference.pool {
@@ -98,8 +120,8 @@ pub fn evaluate_batch(samples: &Path, reference: Option<&ReferenceBatch>, incept
         None => None,
     };
     let inception_score = acts.logits.as_ref().map(|l| inception_score(l, settings.is_splits)).transpose()?;
-    Ok(Some(AdmMetrics {
-        samples: samples.display().to_string(),
+    Ok(AdmMetrics {
+        samples: samples.to_string(),
         num_samples: acts.count(),
         reference: reference.name.clone(),
         num_reference_images: reference.pool.as_ref().map(|p| p.size()[0] as usize),
@@ -110,5 +132,5 @@ pub fn evaluate_batch(samples: &Path, reference: Option<&ReferenceBatch>, incept
         fid,
         sfid,
         precision_recall,
-    }))
+    })
 }

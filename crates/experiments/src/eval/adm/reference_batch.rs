@@ -7,7 +7,7 @@
 use super::activations::{batch_activations, BatchActivations};
 use crate::data::cache;
 use crate::eval::fid::stats::{read_array, write_npz};
-use crate::eval::fid::{GaussianStats, Inception};
+use crate::eval::fid::{GaussianStats, Inception, RootedStats};
 use crate::run::file_lock::FileLock;
 use crate::run::world::World;
 use anyhow::{bail, Context, Result};
@@ -23,9 +23,9 @@ pub struct ReferenceBatch {
     /// the file stem
     pub name: String,
     /// pool3 statistics for FID
-    pub stats: GaussianStats,
+    pub stats: RootedStats,
     /// spatial statistics for sFID (None: the file has neither `mu_s`/`sigma_s` nor images)
-    pub spatial_stats: Option<GaussianStats>,
+    pub spatial_stats: Option<RootedStats>,
     /// pool3 features of the images, (N, 2048) Float32, for precision/recall
     pub pool: Option<Tensor>,
     /// whether FID/sFID used the file's own statistics
@@ -60,7 +60,7 @@ impl ReferenceBatch {
             let Some((stats, spatial_stats)) = file_stats else {
                 bail!("{}: a reference batch holds images (`arr_0`, uint8 (N, H, W, 3)) or statistics (`mu`, `sigma`, optionally `mu_s`, `sigma_s`); found {names:?}", path.display());
             };
-            return Ok(world.is_main().then_some(Self { name, stats, spatial_stats, pool: None, stats_from_file: true }));
+            return Ok(world.is_main().then(|| Self { name, stats: RootedStats::new(stats), spatial_stats: spatial_stats.map(RootedStats::new), pool: None, stats_from_file: true }));
         }
         let acts = cached_activations(path, inception, world, chunk, cache_dir)?;
         let Some(acts) = acts else { return Ok(None) };
@@ -69,7 +69,7 @@ impl ReferenceBatch {
             Some((stats, None)) => (stats, Some(acts.spatial.clone()), true),
             None => (acts.stats, Some(acts.spatial), false),
         };
-        Ok(Some(Self { name, stats, spatial_stats, pool: Some(acts.pool), stats_from_file }))
+        Ok(Some(Self { name, stats: RootedStats::new(stats), spatial_stats: spatial_stats.map(RootedStats::new), pool: Some(acts.pool), stats_from_file }))
     }
 }
 

@@ -208,8 +208,9 @@ pub struct BatchWriter<W: Write + Seek> {
     written: u64,
 }
 
+/// Uncompressed zip64 members with a fixed timestamp, so the same rows give the same bytes.
 fn stored() -> zip::write::FileOptions {
-    zip::write::FileOptions::default().compression_method(CompressionMethod::Stored).large_file(true)
+    zip::write::FileOptions::default().compression_method(CompressionMethod::Stored).large_file(true).last_modified_time(zip::DateTime::default())
 }
 
 impl<W: Write + Seek> BatchWriter<W> {

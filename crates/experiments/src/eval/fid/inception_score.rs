@@ -30,6 +30,21 @@ impl Default for IsSplits {
     }
 }
 
+impl std::str::FromStr for IsSplits {
+    type Err = anyhow::Error;
+    /// `10` (a count) or `size:5000` (a split size).
+    fn from_str(s: &str) -> Result<Self> {
+        let parsed = match s.strip_prefix("size:") {
+            Some(size) => size.trim().parse().map(IsSplits::Size),
+            None => s.trim().parse().map(IsSplits::Count),
+        };
+        match parsed {
+            Ok(IsSplits::Count(0) | IsSplits::Size(0)) | Err(_) => anyhow::bail!("Inception Score splits `{s}`: expected a count >= 1 (e.g. 10) or `size:N` with N >= 1 (the ADM evaluator's is size:5000)"),
+            Ok(v) => Ok(v),
+        }
+    }
+}
+
 impl IsSplits {
     /// Row ranges of the splits of `n` rows.
     fn ranges(self, n: usize) -> Vec<std::ops::Range<usize>> {

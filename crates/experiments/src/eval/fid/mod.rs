@@ -26,7 +26,7 @@ pub mod stats;
 pub use inception::{quantize, Inception, Preprocess, FEATURE_DIM, INCEPTION_SIZE};
 pub use kid::{kernel_inception_distance, mmd2_unbiased, Kid, KidReference, KidSettings};
 pub use reference::{cached_reference, default_cache_dir, stats_cache_key, tensor_identity, RefDataset, Reference, SplitSpec};
-pub use stats::{frechet_distance, FeatureStats, GaussianStats};
+pub use stats::{frechet_distance, FeatureStats, GaussianStats, RootedStats};
 
 /// Column names of `fid.csv`, in order (long format: one row per evaluation).
 pub const FID_CSV_HEADER: [&str; 10] = ["train_step", "steps", "nfe", "cfg_scale", "weights", "num_samples", "ref_stats", "preprocess", "fid", "kid"];
