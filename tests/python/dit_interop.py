@@ -39,7 +39,7 @@ def make_dit(out_dir):
     y = torch.tensor([3, 999, 1000])
     with torch.no_grad():
         out = net(x, t, torch.zeros(3), y)
-    np.savez(os.path.join(out_dir, "io.npz"), x=x.numpy(), t=t.numpy(), y=y.numpy(), out=out.numpy())
+    np.savez(os.path.join(out_dir, "io.npz"), x=x.numpy(), t=t.numpy(), y=y.numpy().astype(np.float64), out=out.numpy())
     print(len(sd))
 
 

@@ -28,7 +28,7 @@ fn export_is_adm_format_resumable_and_the_same_on_two_ranks_and_evaluate_shards_
     let cache = d.join("derived");
     let run = d.join("run");
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/tiny_cpu.toml");
-    ok(&["train", config.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--set", "run.steps=2", "--set", "run.sample_every=100000", "--set", "run.checkpoint_every=0"], &cache);
+    ok(&["train", config.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--set", "run.steps=10", "--set", "run.sample_every=100000", "--set", "run.checkpoint_every=0"], &cache);
     // 10 samples in shards of 4 (4, 4, 2) and sampler batches of 3: rank 0 makes shards 0 and 2.
     let export = |out: &Path, launcher: &[&str], extra: &[&str]| -> Output {
         let mut args: Vec<&str> = launcher.to_vec();
