@@ -124,3 +124,23 @@ fn adm_suite_matches_torch_fidelity_and_pytorch_fid_and_a_degraded_set_scores_wo
     assert!(start.elapsed().as_secs_f64() < 5.0);
     assert!(again.pool.unwrap().equal(reference_batch.pool.as_ref().unwrap()));
 }
+
+#[test]
+fn the_native_inception_graph_matches_the_torchscript_module() {
+    // The same normalised input through the TorchScript file (pool3 only) and through
+    // InceptionNet built from its parameters (pool3, mixed_6/conv, logits in one pass).
+    use flowmap_experiments::eval::fid::inception_net::{InceptionNet, SPATIAL_DIM};
+    let path = cache::inception_weights();
+    let ts = tch::CModule::load_on_device(&path, Device::Cpu).expect("the Inception file (run `make setup`)");
+    let native = InceptionNet::load(&path, Device::Cpu).unwrap();
+    tch::manual_seed(5);
+    let x = Tensor::rand([2, 3, 299, 299], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let want = tch::no_grad(|| ts.forward_ts(&[&x]).unwrap());
+    let got = tch::no_grad(|| native.forward(&x).unwrap());
+    let err = (&got.pool - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+    eprintln!("native Inception vs TorchScript: pool3 max |diff| / max = {err:.1e}");
+    assert!(err < 1e-6, "{err}");
+    assert_eq!(got.spatial.size(), [2, SPATIAL_DIM]);
+    assert!(got.spatial.min().double_value(&[]) >= 0.0 && got.spatial.max().double_value(&[]) > 0.0, "mixed_6/conv follows a ReLU");
+    assert!(got.logits.is_none() && !native.has_logits());
+}

@@ -234,16 +234,6 @@ impl<W: Write + Seek> BatchWriter<W> {
         Ok(())
     }
 
-    /// Appends raw uint8 HWC bytes of whole rows (from another batch's `arr_0`).
-    pub fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
-        let row = self.shape[1] * self.shape[2] * 3;
-        ensure!(bytes.len() as u64 % row == 0, "{} bytes are not whole rows of {row}", bytes.len());
-        self.zip.write_all(bytes)?;
-        self.written += bytes.len() as u64 / row;
-        ensure!(self.written <= self.shape[0], "more than the announced {} rows", self.shape[0]);
-        Ok(())
-    }
-
     /// Ends `arr_0`, writes `arr_1` (when labels are given: N of them) and the zip directory.
     pub fn finish(mut self, labels: Option<&[i64]>) -> Result<W> {
         ensure!(self.written == self.shape[0], "wrote {} of {} rows", self.written, self.shape[0]);
