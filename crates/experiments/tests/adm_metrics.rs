@@ -118,6 +118,16 @@ fn adm_suite_matches_torch_fidelity_and_pytorch_fid_and_a_degraded_set_scores_wo
     assert!(wpr.precision < pr.precision - 0.2 && wpr.recall < pr.recall, "{wpr:?} vs {pr:?}");
     assert!(pr.precision > 0.5 && pr.recall > 0.5, "real digits lie on the reference manifold: {pr:?}");
 
+    // A reference of statistics only (mu, sigma, mu_s, sigma_s, as the ADM batches carry them):
+    // the same FID and sFID, no precision/recall, and the report says why.
+    let (rs, rss) = (&reference_batch.stats.stats, &reference_batch.spatial_stats.as_ref().unwrap().stats);
+    write_npz(&p("stats.npz"), &[("mu", &rs.mu), ("sigma", &rs.sigma), ("mu_s", &rss.mu), ("sigma_s", &rss.sigma)]).unwrap();
+    let stats_only = ReferenceBatch::load(&p("stats.npz"), &inception, &world, settings.chunk, &p("cache")).unwrap().unwrap();
+    let by_stats = score_activations("samples", &acts, &stats_only, &inception, &settings).unwrap();
+    assert!(stats_only.stats_from_file && stats_only.pool.is_none());
+    assert!(rel(by_stats.fid, ours.fid) < 1e-12 && rel(by_stats.sfid.unwrap(), sfid) < 1e-12, "{by_stats:?}");
+    assert!(by_stats.precision_recall.is_none() && by_stats.render().contains("Precision: not computed"), "{}", by_stats.render());
+
     // The reference activations are cached: a second load does not run the network.
     let start = Instant::now();
     let again = ReferenceBatch::load(&p("ref.npz"), &inception, &world, settings.chunk, &p("cache")).unwrap().unwrap();
