@@ -11,8 +11,9 @@
 //!   something else stops with the differences instead of mixing two sets.
 //! * **Sharded over ranks.** Under `flowmap launch` / torchrun, rank k makes shards k, k + W, …;
 //!   after a barrier rank 0 merges them (the ranks must share the output folder). Sample i's noise
-//!   and label are functions of (seed, i) only, and a shard is always generated in the same
-//!   batches, so any number of ranks writes the same bytes as one process.
+//!   and label are functions of (seed, i) only, a shard is always generated in the same batches,
+//!   and what a stochastic rule draws is seeded by (seed, the batch's first index), so any number
+//!   of ranks writes the same bytes as one process.
 //! * **Labels** are drawn uniformly at random per sample (the FID-50k protocol, DiT `sample_ddp.py`).
 use crate::config::ExperimentConfig;
 use crate::eval::adm::sample_batch::{read_labels, to_hwc_u8, write_batch, BatchWriter, ImageArrayReader};
@@ -216,6 +217,8 @@ pub fn export_samples(run: &Path, cfg: &ExperimentConfig, req: &ExportRequest, d
                     let sub = first..(first + req.batch).min(rows.end);
                     let noise = sample_noise(req.seed, sub.clone(), &shape, device);
                     let class: Vec<i64> = sub.clone().map(|i| if num_classes > 0 { sample_label(req.seed, i, num_classes) } else { net.net.null_class() }).collect();
+                    // Stochastic rules (DDPM ancestral, SDE, consistency re-noising) draw from here.
+                    rng::reseed(req.seed, first as u64, Stream::ExportSampler);
                     let x = sampler.generate(net.net.as_ref(), noise, &Tensor::from_slice(&class).to_device(device), steps);
                     images.push(to_hwc_u8(&crate::data::vae::to_pixels(vae.as_ref(), x.to_kind(Kind::Float))));
                     labels.extend(class);

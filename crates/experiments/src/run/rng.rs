@@ -24,6 +24,8 @@ pub enum Stream {
     ExportNoise = 8,
     /// The class label of exported sample i, keyed by i.
     ExportLabel = 9,
+    /// What a stochastic sampling rule draws while making exported samples from i on, keyed by i.
+    ExportSampler = 10,
 }
 
 /// SplitMix64 finaliser: a bijective mix with good avalanche.
