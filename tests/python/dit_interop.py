@@ -7,6 +7,10 @@
         dict, as DiT-XL-2-256x256.pt), and OUT_DIR/io.npz: inputs x (3, 4, 32, 32), the DDPM step
         indices t (DiT's convention: integers 0..999, fed to the timestep embedder as they are),
         labels y (1000 = the null class) and the network's output.
+    dit_interop.py make-sit OUT_DIR
+        The same for a SiT-S/2 (same module names; learn_sigma): t is SiT's continuous time with
+        data at t = 1, and `out` is SiT's velocity, the first 4 of the 8 output channels (what
+        SiT's forward returns with learn_sigma).
     dit_interop.py run-flowmap RUN_DIR IO.npz OUT.npz
         python/flowmap_dit.py rebuilds a flowmap run's network from its config.toml, loads the EMA
         safetensors of its latest checkpoint and runs x, t, h, class of IO.npz: OUT.npz holds `out`.
@@ -43,6 +47,23 @@ def make_dit(out_dir):
     print(len(sd))
 
 
+def make_sit(out_dir):
+    torch.manual_seed(1)
+    net = flowmap_dit.FlowmapDiT(DIT_S2)  # t_scale 1: SiT embeds its raw t in [0, 1]
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.normal_(0.0, 0.05)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.save(sd, os.path.join(out_dir, "sit.pt"))
+    x = torch.randn(3, 4, 32, 32)
+    t = torch.tensor([0.02, 0.3, 0.97])
+    y = torch.tensor([3, 999, 1000])
+    with torch.no_grad():
+        out = net(x, t, torch.zeros(3), y)[:, :4]
+    np.savez(os.path.join(out_dir, "sit_io.npz"), x=x.numpy(), t=t.numpy(), y=y.numpy().astype(np.float64), out=out.numpy())
+    print(len(sd))
+
+
 def run_flowmap(run_dir, io_path, out_path):
     io = np.load(io_path)
     net = flowmap_dit.load_run(run_dir, weights="ema")
@@ -52,4 +73,4 @@ def run_flowmap(run_dir, io_path, out_path):
 
 
 if __name__ == "__main__":
-    {"make-dit": make_dit, "run-flowmap": run_flowmap}[sys.argv[1]](*sys.argv[2:])
+    {"make-dit": make_dit, "make-sit": make_sit, "run-flowmap": run_flowmap}[sys.argv[1]](*sys.argv[2:])

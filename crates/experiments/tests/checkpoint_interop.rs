@@ -78,6 +78,31 @@ fn a_pytorch_dit_s2_state_dict_imports_and_gives_the_same_outputs() {
 }
 
 #[test]
+fn a_pytorch_sit_s2_imports_as_a_flowmap_velocity_field() {
+    // SiT: x = t_SiT·data + (1 − t_SiT)·noise, output d x/d t_SiT. flowmap: t = 1 − t_SiT, v = −that.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    helper(&["make-sit", d.to_str().unwrap()]);
+    let run = d.join("imported");
+    let out = flowmap(&["import-checkpoint", d.join("sit.pt").to_str().unwrap(), "--source", "sit", "--out", run.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    let table = flowmap_experiments::config::overrides::read_table(&run.join("model.toml")).unwrap();
+    let model: ModelConfig = table["model"].clone().try_into().unwrap();
+    let ModelConfig::Dit(cfg) = &model else { panic!("a DiT") };
+    assert_eq!((cfg.out_channels(), cfg.t_scale), (4, 1.0), "a plain velocity field with raw t");
+    let net = load_run_weights(&run, &model, Weights::Ema, Device::Cpu).unwrap();
+    let io = d.join("sit_io.npz");
+    let (x, t_sit, y, sit_out) = (array(&io, "x").to_kind(Kind::Float), array(&io, "t"), array(&io, "y").to_kind(Kind::Int64), array(&io, "out"));
+    let t = (t_sit.neg() + 1.0).to_kind(Kind::Float);
+    let v = tch::no_grad(|| net.net.forward(&x, &t, &t.zeros_like(), &y)).to_kind(Kind::Double);
+    let err = rel_max(&v, &(-&sit_out));
+    eprintln!("imported SiT-S/2: flowmap v(x, 1 - t_SiT) vs -SiT(x, t_SiT): max |diff| / max |out| = {err:.2e} (max |out| {:.3})", sit_out.abs().max().double_value(&[]));
+    assert!(err < 1e-5, "{err}");
+    assert!(rel_max(&v, &sit_out) > 1.0, "the sign is flowmap's, not SiT's");
+}
+
+#[test]
 fn a_flowmap_run_rebuilt_in_pytorch_gives_the_same_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");

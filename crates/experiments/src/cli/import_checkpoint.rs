@@ -17,17 +17,22 @@
 //!
 //! Conventions: DiT embeds the DDPM step index n = 0…999 (`t_scale = 1000`, flowmap's t = n/1000,
 //! t = 0 data as in flowmap) and, with `learn_sigma`, outputs [eps, variance] (`variance =
-//! "learned"`). SiT embeds a continuous t ∈ [0, 1] (`t_scale = 1`) but runs time the other way
-//! (t = 1 data) and predicts the velocity toward the data: the network is imported exactly, but
-//! sampling it with flowmap's samplers needs t_SiT = 1 − t and the output negated, which flowmap's
-//! model options do not offer yet (the import says so).
+//! "learned"`). SiT (its default Linear path with velocity prediction, `transport/path.py`
+//! `ICPlan`) embeds a continuous t_SiT ∈ [0, 1] with data at t_SiT = 1 (x = t_SiT·x_data +
+//! (1 − t_SiT)·noise) and predicts d x/d t_SiT = x_data − noise. In flowmap's convention (t = 1 −
+//! t_SiT, data at 0) the same network predicts v = noise − x_data. Both changes are folded into the
+//! weights exactly, so the import is a flowmap velocity field (`t_scale = 1`): the sinusoid of
+//! 1 − t is a fixed rotation of the sinusoid of t per frequency ω (cos ω(1 − t) = cos ω·cos ωt +
+//! sin ω·sin ωt, sin ω(1 − t) = sin ω·cos ωt − cos ω·sin ωt), which goes into the first Linear of
+//! `t_embedder`; the output Linear is negated, and with `learn_sigma` only its first C channels
+//! (SiT's `forward` drops the others) are kept.
 use crate::run::checkpoint::{CheckpointContents, CheckpointDir};
 use crate::run::model::ModelConfig;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Whose checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -35,7 +40,7 @@ use tch::{Device, Tensor};
 pub enum Source {
     /// facebookresearch/DiT (`models.py`, DDPM step index, learn_sigma)
     Dit,
-    /// willisma/SiT (same module names, continuous t with data at t = 1)
+    /// willisma/SiT (same module names; continuous t with data at t = 1, converted on import)
     Sit,
 }
 
@@ -65,6 +70,8 @@ pub struct ImportReport {
     pub model: toml::Table,
     /// source name → flowmap name, every tensor
     pub name_map: BTreeMap<String, String>,
+    /// source tensors whose values were converted (SiT), not only renamed
+    pub transformed: Vec<String>,
     pub notes: Vec<String>,
 }
 
@@ -151,8 +158,36 @@ pub fn infer_model(tensors: &BTreeMap<String, Tensor>, source: Source, num_heads
         }
         .into(),
     );
-    m.insert("variance".into(), variance.into());
+    // SiT's learned-variance channels are dropped on import ([`sit_to_flowmap`]).
+    m.insert("variance".into(), if source == Source::Sit { "fixed" } else { variance }.into());
     Ok(m)
+}
+
+/// SiT's time direction and output sign folded into its weights (module docs): the (D, 256) first
+/// timestep Linear sees the sinusoid of 1 − t through a rotation per frequency, the output Linear
+/// is negated and cut to the first `c` channels. Returns the names it changed.
+pub fn sit_to_flowmap(tensors: &mut BTreeMap<String, Tensor>, c: i64, p: i64) -> Result<Vec<String>> {
+    use flowmap_models::embedding::{MAX_PERIOD, TIMESTEP_FREQUENCIES};
+    let half = TIMESTEP_FREQUENCIES / 2;
+    let w = tensors.get("t_embedder.mlp.0.weight").context("the checkpoint has no `t_embedder.mlp.0.weight`")?.to_kind(Kind::Double); // (D, 256): [cos | sin]
+    ensure!(w.size()[1] == TIMESTEP_FREQUENCIES, "t_embedder.mlp.0.weight has shape {:?}, expected (D, {TIMESTEP_FREQUENCIES})", w.size());
+    let omega = (Tensor::arange(half, (Kind::Double, Device::Cpu)) * (-MAX_PERIOD.ln() / half as f64)).exp(); // (128,)
+    let (cos, sin) = (omega.cos().unsqueeze(0), omega.sin().unsqueeze(0)); // (1, 128)
+    let (wc, ws) = (w.narrow(1, 0, half), w.narrow(1, half, half));
+    // W·[cos ω(1−t); sin ω(1−t)] = (Wc cos ω + Ws sin ω)·cos ωt + (Wc sin ω − Ws cos ω)·sin ωt
+    let rotated = Tensor::cat(&[&wc * &cos + &ws * &sin, &wc * &sin - &ws * &cos], 1);
+    tensors.insert("t_embedder.mlp.0.weight".into(), rotated.to_kind(Kind::Float));
+    for (name, rows) in [("final_layer.linear.weight", true), ("final_layer.linear.bias", false)] {
+        let t = tensors.get(name).with_context(|| format!("the checkpoint has no `{name}`"))?;
+        let c_out = t.size()[0] / (p * p);
+        // rows are (p, p, C_out) per token, channel fastest: keep channels < c
+        let kept = match rows {
+            true => t.reshape([p * p, c_out, -1]).narrow(1, 0, c).reshape([p * p * c, -1]),
+            false => t.reshape([p * p, c_out]).narrow(1, 0, c).reshape([p * p * c]),
+        };
+        tensors.insert(name.into(), -kept);
+    }
+    Ok(vec!["t_embedder.mlp.0.weight".into(), "final_layer.linear.weight".into(), "final_layer.linear.bias".into()])
 }
 
 /// Reads the checkpoint's tensors (through the venv's torch for a pickle).
@@ -181,8 +216,15 @@ fn read_tensors(req: &ImportRequest, tmp: &Path) -> Result<(BTreeMap<String, Ten
 pub fn import_checkpoint(req: &ImportRequest) -> Result<ImportReport> {
     ensure!(!req.out.join("checkpoints").exists(), "{} already holds checkpoints; choose another --out", req.out.display());
     let tmp = tempfile::tempdir()?;
-    let (source_tensors, key) = read_tensors(req, tmp.path())?;
+    let (mut source_tensors, key) = read_tensors(req, tmp.path())?;
     let model_table = infer_model(&source_tensors, req.source, req.num_heads)?;
+    let transformed = match req.source {
+        Source::Dit => vec![],
+        Source::Sit => {
+            let (c, p) = (model_table["in_channels"].as_integer().unwrap_or(0), model_table["patch_size"].as_integer().unwrap_or(0));
+            sit_to_flowmap(&mut source_tensors, c, p)?
+        }
+    };
     let wrapped = toml::Table::from_iter([("model".to_string(), toml::Value::Table(model_table.clone()))]);
     let model: ModelConfig = crate::config::overrides::deserialize::<ModelWrapper>(&wrapped, "the inferred [model]")?.model;
     let net = model.build(Device::Cpu)?;
@@ -210,7 +252,7 @@ pub fn import_checkpoint(req: &ImportRequest) -> Result<ImportReport> {
     CheckpointDir::new(req.out.join("checkpoints"), 1).save(0, &CheckpointContents { tensors: vec![("model", named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()), ("ema", named)], state })?;
     let mut notes = vec![];
     if req.source == Source::Sit {
-        notes.push("SiT runs time the other way (t = 1 is data) and predicts the velocity toward the data: the network is imported exactly (t_scale = 1), but flowmap's samplers would need t_SiT = 1 - t and the output negated, which no flowmap model option does yet".to_string());
+        notes.push(format!("SiT's time direction (data at t = 1) and velocity sign were folded into {}: the import is a flowmap velocity field, data at t = 0 (learned-variance channels, if any, dropped)", transformed.join(", ")));
     }
     let report = ImportReport {
         source: req.source,
@@ -221,6 +263,7 @@ pub fn import_checkpoint(req: &ImportRequest) -> Result<ImportReport> {
         parameters: net.num_parameters(),
         model: model_table,
         name_map,
+        transformed,
         notes,
     };
     crate::run::atomic_file::write_atomic(&req.out.join("import.json"), (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
