@@ -91,7 +91,15 @@ if [ "$(cat "$VENV/.flowmap-eval-ready" 2>/dev/null)" = "$eval_want" ]; then
   log "evaluation reference packages ok (torch-fidelity, pytorch-fid)"
 else
   log "installing the evaluation reference packages (torch-fidelity, pytorch-fid, torchvision; about 16 MB)"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$EVAL_REQ"
+  if [ "$TORCH_CUDA" = cu130 ]; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$EVAL_REQ"
+  else
+    # PyPI's torchvision is built for PyPI's torch (cu130): take the one built for this variant from
+    # the same index as torch (unhashed, as torch itself), and the rest of the file as pinned.
+    awk '/^torchvision==/ { skip = 1; next } skip && /^ / { next } { skip = 0; print }' "$EVAL_REQ" > "$VENV/.eval-req-no-torchvision.txt"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$VENV/.eval-req-no-torchvision.txt"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps ${index_args[@]+"${index_args[@]}"} torchvision==0.26.0
+  fi
   echo "$eval_want" > "$VENV/.flowmap-eval-ready"
 fi
 

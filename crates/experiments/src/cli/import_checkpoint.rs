@@ -86,9 +86,9 @@ pub fn python_dir() -> PathBuf {
     std::env::var_os("FLOWMAP_PYTHON_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python"))
 }
 
-/// The flowmap name of a DiT/SiT state-dict entry, or None when it is not part of the DiT layout.
-pub fn flowmap_name(source: Source, name: &str) -> Option<String> {
-    let _ = source; // DiT and SiT share the layout
+/// The flowmap name of a DiT/SiT state-dict entry (the two share DiT's layout), or None when it is
+/// not part of that layout.
+pub fn flowmap_name(name: &str) -> Option<String> {
     let parts: Vec<&str> = name.split('.').collect();
     let ok = match parts.as_slice() {
         ["pos_embed"] => true,
@@ -233,7 +233,7 @@ pub fn import_checkpoint(req: &ImportRequest) -> Result<ImportReport> {
     let mut name_map = BTreeMap::new();
     let mut mapped = BTreeMap::new();
     for (name, t) in &source_tensors {
-        let Some(target) = flowmap_name(req.source, name) else { bail!("{}: tensor `{name}` {:?} is not part of the {:?} layout flowmap imports", req.checkpoint.display(), t.size(), req.source) };
+        let Some(target) = flowmap_name(name) else { bail!("{}: tensor `{name}` {:?} is not part of the {:?} layout flowmap imports", req.checkpoint.display(), t.size(), req.source) };
         let Some(var) = vars.get(&target) else { bail!("{}: tensor `{name}` maps to `{target}`, which the inferred model has not", req.checkpoint.display()) };
         ensure!(var.size() == t.size(), "{}: `{name}` has shape {:?}, flowmap's `{target}` has {:?}", req.checkpoint.display(), t.size(), var.size());
         name_map.insert(name.clone(), target.clone());
