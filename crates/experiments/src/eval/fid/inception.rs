@@ -2,7 +2,8 @@
 //! (methods.md §18.1–18.2).
 //!
 //! The TorchScript file has no resize and no normalisation inside: it takes (N, 3, 299, 299) float
-//! already normalised and returns (N, 2048) (toolchain.md).
+//! already normalised and returns (N, 2048) (toolchain.md). Its weights run in
+//! [`super::inception_net`], which gives pool3 and the ADM suite's other layers from one pass.
 use crate::data::cache;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
