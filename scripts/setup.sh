@@ -82,6 +82,27 @@ if [ "$TORCH_CUDA" = cu130 ]; then
   fi
 fi
 
+# ---- 1c. reference implementations for the evaluation cross-checks (tests only) ----
+# torch-fidelity, pytorch-fid and what they import, pinned with sha256 (tests/python/requirements-eval.txt);
+# --no-deps so that nothing replaces the venv's torch. A stamp holds the file's checksum: a changed pin installs again.
+EVAL_REQ="$here/tests/python/requirements-eval.txt"
+eval_want=$(sha256sum "$EVAL_REQ" | cut -d' ' -f1)
+if [ "$(cat "$VENV/.flowmap-eval-ready" 2>/dev/null)" = "$eval_want" ]; then
+  log "evaluation reference packages ok (torch-fidelity, pytorch-fid)"
+else
+  log "installing the evaluation reference packages (torch-fidelity, pytorch-fid, torchvision; about 16 MB)"
+  if [ "$TORCH_CUDA" = cu130 ]; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$EVAL_REQ"
+  else
+    # PyPI's torchvision is built for PyPI's torch (cu130): take the one built for this variant from
+    # the same index as torch (unhashed, as torch itself), and the rest of the file as pinned.
+    awk '/^torchvision==/ { skip = 1; next } skip && /^ / { next } { skip = 0; print }' "$EVAL_REQ" > "$VENV/.eval-req-no-torchvision.txt"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$VENV/.eval-req-no-torchvision.txt"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps ${index_args[@]+"${index_args[@]}"} torchvision==0.26.0
+  fi
+  echo "$eval_want" > "$VENV/.flowmap-eval-ready"
+fi
+
 # ---- 2. data ----
 FLOWMAP_CACHE="$CACHE" FLOWMAP_VENV="$VENV" "$here/data/fetch.sh"
 

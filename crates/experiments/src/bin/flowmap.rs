@@ -66,6 +66,36 @@ fn main() -> Result<()> {
                 println!("{},{},{:.3},{}", r.steps, r.eval_seed, r.fid, r.kid.map(|k| format!("{k:.5}")).unwrap_or_default());
             }
         }
+        Command::ExportSamples { run, steps, num, weights, cfg_scale, seed, shard_size, batch, out } => {
+            let cfg = read_run_config(&run)?;
+            let req = flowmap_experiments::eval::npz_export::ExportRequest { steps, num, weights, cfg_scale, seed, shard_size, batch, out };
+            let files = flowmap_experiments::eval::npz_export::export_samples(&run, &cfg, &req, cfg.run.device.device()?)?;
+            if flowmap_experiments::run::world::World::global(cfg.run.device.device()?)?.is_main() {
+                for f in files {
+                    println!("{}", f.display());
+                }
+            }
+        }
+        Command::Evaluate { samples, reference, inception_logits, preprocess, k, is_splits, batch, device, json } => {
+            use flowmap_experiments::eval::adm;
+            let settings = adm::AdmSettings { k, is_splits: is_splits.parse()?, chunk: batch };
+            let metrics = adm::evaluate_files(&samples, &reference, inception_logits.as_deref(), preprocess.parse()?, &settings, device.device()?)?;
+            // Under a data-parallel launch rank 0 scores and prints.
+            if let Some(m) = metrics {
+                print!("{}", m.render());
+                if let Some(path) = json {
+                    flowmap_experiments::run::atomic_file::write_atomic(&path, (serde_json::to_string_pretty(&m)? + "\n").as_bytes())?;
+                }
+            }
+        }
+        Command::ImportCheckpoint { checkpoint, source, key, allow_pickle, num_heads, out } => {
+            let req = flowmap_experiments::cli::import_checkpoint::ImportRequest { checkpoint, source, key, allow_pickle, num_heads, out };
+            let r = flowmap_experiments::cli::import_checkpoint::import_checkpoint(&req)?;
+            println!("{}: {} tensors, {} parameters (key `{}`) → {}", r.checkpoint, r.tensors, r.parameters, r.key, req.out.display());
+            for n in r.notes {
+                println!("note: {n}");
+            }
+        }
         Command::ReflowPairs { teacher, count, steps, weights, batch, out } => {
             let cfg = read_run_config(&teacher)?;
             let out = out.unwrap_or_else(|| teacher.join("reflow_pairs.safetensors"));

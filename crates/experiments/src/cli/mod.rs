@@ -3,6 +3,7 @@
 //! (`Cli::try_parse_from`, tests/docs_commands.rs).
 pub mod doctor;
 pub mod dry_run;
+pub mod import_checkpoint;
 pub mod launch;
 pub mod migrate_config;
 pub mod reflow_pairs;
@@ -112,6 +113,85 @@ pub enum Command {
         seed: u64,
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// N samples per step count as an ADM sample batch (`samples_NxHxWx3.npz`: arr_0 uint8 NHWC,
+    /// arr_1 labels), written in shards (resumable; sharded over ranks under `flowmap launch`).
+    ExportSamples {
+        #[arg(long)]
+        run: PathBuf,
+        /// Step counts (each >= 1; one batch each).
+        #[arg(long, value_delimiter = ',', required = true)]
+        steps: Vec<usize>,
+        /// Samples per step count (>= 1; 50000 for FID-50k).
+        #[arg(long)]
+        num: usize,
+        #[arg(long, value_enum, default_value = "ema")]
+        weights: Weights,
+        /// Classifier-free guidance scale (finite; default: the run's `sampling.cfg_scale`).
+        #[arg(long, allow_negative_numbers = true)]
+        cfg_scale: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Images per shard file (the unit of resuming and of sharding over ranks).
+        #[arg(long, default_value_t = 1000)]
+        shard_size: usize,
+        /// Images per sampler call.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Output folder (default: `<run>/samples/npz`); one `steps{N}/` folder per step count.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The ADM evaluator's suite (Inception Score, FID, sFID, precision, recall) of a sample batch
+    /// `.npz` against a reference batch (images in arr_0 and/or mu, sigma, mu_s, sigma_s).
+    Evaluate {
+        /// Sample batch: arr_0 uint8 (N, H, W, 3).
+        samples: PathBuf,
+        /// Reference batch, e.g. VIRTUAL_imagenet256_labeled.npz.
+        #[arg(long = "ref")]
+        reference: PathBuf,
+        /// The Inception classifier matrix for Inception Score: an .npz with `weight` (1008, 2048)
+        /// (not in any package registry; `python/inception_logits.py` extracts it from a
+        /// pytorch-fid or torch-fidelity weights file).
+        #[arg(long)]
+        inception_logits: Option<PathBuf>,
+        /// Pre-processing: tf (the ADM evaluator's TF1 resize, default) or pytorch_fid.
+        #[arg(long, default_value = "tf")]
+        preprocess: String,
+        /// Neighbourhood size of precision/recall.
+        #[arg(long, default_value_t = 3)]
+        k: usize,
+        /// Inception Score splits: a count (10) or `size:5000` (the ADM evaluator's split size).
+        #[arg(long, default_value = "10")]
+        is_splits: String,
+        /// Images per Inception batch (also the unit of sharding over ranks).
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+        /// Also write the numbers as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// A facebookresearch/DiT or SiT PyTorch checkpoint as a flowmap run folder (model.toml +
+    /// checkpoints/step_00000000 with model and ema), for `[teacher] run = OUT` and evaluation.
+    ImportCheckpoint {
+        /// `.pt`/`.pth` (read with the venv's torch) or `.safetensors`.
+        checkpoint: PathBuf,
+        #[arg(long, value_enum, default_value = "dit")]
+        source: crate::cli::import_checkpoint::Source,
+        /// Which weights of a training checkpoint: auto (ema, else model), ema, model, none (a bare state dict).
+        #[arg(long, default_value = "auto")]
+        key: String,
+        /// Let torch.load unpickle Python objects (training checkpoints' `args`): runs code from the file, trusted files only.
+        #[arg(long)]
+        allow_pickle: bool,
+        /// Attention heads (default: the DiT preset of the checkpoint's width).
+        #[arg(long)]
+        num_heads: Option<i64>,
+        /// Output folder (a new run folder).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Two-stage reflow, stage one: (noise, sample) couplings from a trained run, for data.reflow_pairs.
     ReflowPairs {

@@ -20,8 +20,14 @@ pub enum Stream {
     Augment = 6,
     /// The posterior sample of cached latents, x = (mean + std·eps)·scale.
     Latent = 7,
+    /// The noise of exported sample i (`flowmap export-samples`), keyed by i.
+    ExportNoise = 8,
+    /// The class label of exported sample i, keyed by i.
+    ExportLabel = 9,
+    /// What a stochastic sampling rule draws while making exported samples from i on, keyed by i.
+    ExportSampler = 10,
     /// The base seeds of evaluation seeds 1, 2, … (`[eval].seeds`; seed 0 is the run's own).
-    EvalSeed = 8,
+    EvalSeed = 11,
 }
 
 /// SplitMix64 finaliser: a bijective mix with good avalanche.

@@ -2,13 +2,15 @@
 //! (methods.md §18.1–18.2).
 //!
 //! The TorchScript file has no resize and no normalisation inside: it takes (N, 3, 299, 299) float
-//! already normalised and returns (N, 2048) (toolchain.md).
+//! already normalised and returns (N, 2048) (toolchain.md). Its weights run in
+//! [`super::inception_net`], which gives pool3 and the ADM suite's other layers from one pass.
 use crate::data::cache;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tch::{CModule, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use super::inception_net::{Activations, InceptionNet, LogitsHead};
 use super::stats::FeatureStats;
 
 /// Inception-v3 input side length.
@@ -88,7 +90,7 @@ fn tf1_resize_matrix(len: i64, out: i64) -> Tensor {
 
 /// The FID Inception network on one device, with a fixed pre-processing convention.
 pub struct Inception {
-    module: CModule,
+    net: InceptionNet,
     device: Device,
     preprocess: Preprocess,
     batch_size: usize,
@@ -123,9 +125,20 @@ impl Inception {
     }
 
     fn load_with_checksum(path: &Path, weights_sha256: String, device: Device, preprocess: Preprocess) -> Result<Self> {
-        let mut module = CModule::load_on_device(path, device).with_context(|| format!("loading the Inception TorchScript file {}", path.display()))?;
-        module.set_eval();
-        Ok(Self { module, device, preprocess, batch_size: DEFAULT_BATCH, weights_sha256 })
+        let net = InceptionNet::load(path, device)?;
+        Ok(Self { net, device, preprocess, batch_size: DEFAULT_BATCH, weights_sha256 })
+    }
+
+    /// Adds the 1008-way classifier matrix, so that [`Self::activations`] also returns logits
+    /// (Inception Score).
+    pub fn with_logits(mut self, head: &LogitsHead) -> Self {
+        self.net = self.net.with_logits(head);
+        self
+    }
+
+    /// Whether [`Self::activations`] returns logits.
+    pub fn has_logits(&self) -> bool {
+        self.net.has_logits()
     }
 
     /// Images per forward pass (default 50).
@@ -209,17 +222,41 @@ impl Inception {
         Ok(())
     }
 
+    /// pool3, `mixed_6/conv` and (with a classifier, [`Self::with_logits`]) the logits of images
+    /// in [−1, 1] (N, C, H, W), in batches of `batch_size` under no_grad: every tensor Float64 on
+    /// the CPU, rows in input order.
+    pub fn activations(&self, images: &Tensor) -> Result<Activations> {
+        let n = images.size()[0];
+        let (mut pool, mut spatial, mut logits) = (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0;
+        while start < n {
+            let len = (self.batch_size as i64).min(n - start);
+            let a = self.forward_all(&images.narrow(0, start, len))?;
+            pool.push(a.pool);
+            spatial.push(a.spatial);
+            logits.extend(a.logits);
+            start += len;
+        }
+        let cat = |parts: Vec<Tensor>, dim: i64| if parts.is_empty() { Tensor::zeros([0, dim], (Kind::Double, Device::Cpu)) } else { Tensor::cat(&parts, 0) };
+        Ok(Activations { pool: cat(pool, FEATURE_DIM), spatial: cat(spatial, super::inception_net::SPATIAL_DIM), logits: self.has_logits().then(|| cat(logits, super::inception_net::NUM_LOGITS)) })
+    }
+
     /// One forward pass: (B, C, H, W) in [−1, 1] → (B, 2048) Float64 on the CPU.
     fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_all(images)?.pool)
+    }
+
+    /// One forward pass, every output Float64 on the CPU.
+    fn forward_all(&self, images: &Tensor) -> Result<Activations> {
         let _guard = tch::no_grad_guard();
         let x = self.prepare(images)?;
         let b = x.size()[0];
-        let y = self.module.forward_ts(&[x]).context("Inception forward")?;
-        let y = y.reshape([b, -1]);
-        if y.size()[1] != FEATURE_DIM {
-            bail!("the Inception module returned {:?}, expected ({b}, {FEATURE_DIM})", y.size());
+        let a = self.net.forward(&x).context("Inception forward")?;
+        if a.pool.size() != [b, FEATURE_DIM] {
+            bail!("the Inception network returned {:?}, expected ({b}, {FEATURE_DIM})", a.pool.size());
         }
-        Ok(y.to_device(Device::Cpu).to_kind(Kind::Double))
+        let cpu = |t: Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+        Ok(Activations { pool: cpu(a.pool), spatial: cpu(a.spatial), logits: a.logits.map(cpu) })
     }
 }
 

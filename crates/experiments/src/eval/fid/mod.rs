@@ -4,6 +4,8 @@
 //!   convention by default or the TF one ([`Preprocess`]).
 //! * [`FeatureStats`] / [`GaussianStats`] / [`frechet_distance`]: float64 statistics and distance.
 //! * [`kernel_inception_distance`]: unbiased KID over subsets.
+//! * [`inception_net`]: the network itself (pool3, the sFID layer and the logits in one pass);
+//!   [`inception_score`], [`precision_recall`]: the other numbers of the ADM suite (`crate::eval::adm`).
 //! * [`Reference`]: statistics of a data split (cached by [`stats_cache_key`]) or of an `.npz`.
 //! * [`evaluate_steps`]: FID (and KID) at a list of step counts in one call, appended to `fid.csv`
 //!   with the step count and the measured NFE.
@@ -14,14 +16,17 @@ use std::path::Path;
 use tch::Tensor;
 
 pub mod inception;
+pub mod inception_net;
+pub mod inception_score;
 pub mod kid;
+pub mod precision_recall;
 pub mod reference;
 pub mod stats;
 
 pub use inception::{quantize, Inception, Preprocess, FEATURE_DIM, INCEPTION_ENV, INCEPTION_SIZE};
 pub use kid::{kernel_inception_distance, mmd2_unbiased, Kid, KidReference, KidSettings};
 pub use reference::{cached_reference, default_cache_dir, stats_cache_key, tensor_identity, RefDataset, Reference, SplitSpec};
-pub use stats::{frechet_distance, FeatureStats, GaussianStats};
+pub use stats::{frechet_distance, FeatureStats, GaussianStats, RootedStats};
 
 /// Column names of `fid.csv`, in order (long format: one row per evaluation).
 pub const FID_CSV_HEADER: [&str; 11] = ["train_step", "steps", "nfe", "cfg_scale", "weights", "num_samples", "ref_stats", "preprocess", "fid", "kid", "eval_seed"];

@@ -117,7 +117,7 @@ impl GaussianStats {
 }
 
 /// Reads one float array of an `.npz` as a Float64 tensor of its shape; `Ok(None)` when absent.
-pub(crate) fn read_array<R: std::io::Read + std::io::Seek>(npz: &mut npyz::npz::NpzArchive<R>, name: &str, path: &Path) -> Result<Option<Tensor>> {
+pub fn read_array<R: std::io::Read + std::io::Seek>(npz: &mut npyz::npz::NpzArchive<R>, name: &str, path: &Path) -> Result<Option<Tensor>> {
     let Some(arr) = npz.by_name(name).with_context(|| format!("reading `{name}` in {}", path.display()))? else {
         return Ok(None);
     };
@@ -145,7 +145,7 @@ pub(crate) fn read_array<R: std::io::Read + std::io::Seek>(npz: &mut npyz::npz::
 /// Writes named tensors as float64 (Double) or float32 (anything else, cast) arrays into a new
 /// `.npz` atomically ([`crate::run::atomic_file`]: a unique temporary file, renamed), so neither a
 /// reader nor a concurrent writer ever sees half a file.
-pub(crate) fn write_npz(path: &Path, arrays: &[(&str, &Tensor)]) -> Result<()> {
+pub fn write_npz(path: &Path, arrays: &[(&str, &Tensor)]) -> Result<()> {
     crate::run::atomic_file::write_atomic_with(path, |file| {
         let mut npz = npyz::npz::NpzWriter::new(std::io::BufWriter::new(file));
         for (name, t) in arrays {
@@ -202,19 +202,49 @@ fn sqrt_psd(a: &Tensor) -> Tensor {
 /// where `scipy.linalg.sqrtm` needs pytorch-fid's 1e-6·I fallback.
 pub fn frechet_distance(mu1: &Tensor, sigma1: &Tensor, mu2: &Tensor, sigma2: &Tensor) -> Result<f64> {
     let f64_cpu = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
-    let (mu1, mu2, sigma1, sigma2) = (f64_cpu(mu1), f64_cpu(mu2), f64_cpu(sigma1), f64_cpu(sigma2));
+    let sigma1 = symmetric(&f64_cpu(sigma1));
+    let root1 = sqrt_psd(&sigma1);
+    frechet_with_root(&f64_cpu(mu1), &sigma1, &root1, mu2, sigma2)
+}
+
+fn symmetric(s: &Tensor) -> Tensor {
+    (s + s.tr()) * 0.5
+}
+
+/// [`frechet_distance`] with √Σ₁ given (Float64 on the CPU, Σ₁ symmetric).
+fn frechet_with_root(mu1: &Tensor, sigma1: &Tensor, root1: &Tensor, mu2: &Tensor, sigma2: &Tensor) -> Result<f64> {
+    let f64_cpu = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+    let (mu2, sigma2) = (f64_cpu(mu2), symmetric(&f64_cpu(sigma2)));
     let d = mu1.size();
     ensure!(d.len() == 1 && mu2.size() == d, "mu shapes differ or are not 1-d: {d:?} vs {:?}", mu2.size());
     ensure!(sigma1.size() == [d[0], d[0]] && sigma2.size() == [d[0], d[0]], "sigma shapes {:?} and {:?} do not match mu {d:?}", sigma1.size(), sigma2.size());
-    let sym = |s: &Tensor| (s + s.tr()) * 0.5;
-    let (sigma1, sigma2) = (sym(&sigma1), sym(&sigma2));
-    let diff = &mu1 - &mu2;
+    let diff = mu1 - &mu2;
     let mean_term = diff.dot(&diff).double_value(&[]);
     let trace_term = (sigma1.trace() + sigma2.trace()).double_value(&[]);
-    let root1 = sqrt_psd(&sigma1);
-    let m = sym(&root1.matmul(&sigma2).matmul(&root1));
+    let m = symmetric(&root1.matmul(&sigma2).matmul(root1));
     let cross = trace_sqrt_psd(&m);
     let fid = mean_term + trace_term - 2.0 * cross;
     ensure!(fid.is_finite(), "the Fréchet distance is not finite (non-finite statistics?)");
     Ok(fid)
+}
+
+/// Reference statistics with √Σ computed once (one symmetric eigendecomposition, on first use),
+/// so that each sample set scored against them costs one eigenvalue problem instead of two.
+#[derive(Debug)]
+pub struct RootedStats {
+    pub stats: GaussianStats,
+    root: std::cell::OnceCell<Tensor>,
+}
+
+impl RootedStats {
+    pub fn new(stats: GaussianStats) -> Self {
+        let sigma = symmetric(&stats.sigma);
+        Self { stats: GaussianStats { mu: stats.mu, sigma }, root: std::cell::OnceCell::new() }
+    }
+
+    /// The Fréchet distance between these statistics and `other` (see [`frechet_distance`]).
+    pub fn frechet_distance(&self, other: &GaussianStats) -> Result<f64> {
+        let root = self.root.get_or_init(|| sqrt_psd(&self.stats.sigma));
+        frechet_with_root(&self.stats.mu, &self.stats.sigma, root, &other.mu, &other.sigma)
+    }
 }
