@@ -129,15 +129,9 @@ impl World {
             return Ok(());
         }
         for bucket in buckets(tensors) {
-            let mut flat = Tensor::cat(&bucket.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0);
+            let mut flat = flatten(&bucket);
             self.sum(&mut flat)?;
-            let mut offset = 0;
-            for t in bucket {
-                let n = t.numel() as i64;
-                let mut t = t.shallow_clone();
-                t.copy_(&flat.narrow(0, offset, n).view_as(&t));
-                offset += n;
-            }
+            unflatten_into(&flat, &bucket);
         }
         Ok(())
     }
@@ -151,16 +145,10 @@ impl World {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         tch::no_grad(|| -> Result<()> {
-            for bucket in buckets(&vars.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>()) {
-                let mut flat = Tensor::cat(&bucket.iter().map(|t| t.detach().reshape([-1])).collect::<Vec<_>>(), 0);
+            for bucket in buckets(&vars.iter().map(|(_, t)| t.detach()).collect::<Vec<_>>()) {
+                let mut flat = flatten(&bucket);
                 self.broadcast(&mut flat)?;
-                let mut offset = 0;
-                for t in bucket {
-                    let n = t.numel() as i64;
-                    let mut t = t.shallow_clone();
-                    t.copy_(&flat.narrow(0, offset, n).view_as(&t));
-                    offset += n;
-                }
+                unflatten_into(&flat, &bucket);
             }
             Ok(())
         })
@@ -189,6 +177,22 @@ impl World {
             Some(g) if g.backend() == Backend::Nccl => Device::Cuda(self.local_rank.min(tch::Cuda::device_count().max(1) as usize - 1)),
             _ => Device::Cpu,
         }
+    }
+}
+
+/// One flat buffer holding `bucket`'s tensors one after another.
+fn flatten(bucket: &[Tensor]) -> Tensor {
+    Tensor::cat(&bucket.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0)
+}
+
+/// Copies the pieces of `flat` back into `bucket`'s tensors (in place; the inverse of [`flatten`]).
+fn unflatten_into(flat: &Tensor, bucket: &[Tensor]) {
+    let mut offset = 0;
+    for t in bucket {
+        let n = t.numel() as i64;
+        let mut t = t.shallow_clone();
+        t.copy_(&flat.narrow(0, offset, n).view_as(&t));
+        offset += n;
     }
 }
 
