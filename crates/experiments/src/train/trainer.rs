@@ -299,7 +299,8 @@ impl Trainer {
     /// run (`run.on_nonfinite`); either way the step counts.
     pub fn train_step(&mut self) -> Result<StepReport> {
         let (step, device) = (self.state.step, self.device);
-        let cfg = self.cfg.clone();
+        // The run settings this step reads (copied: the loop below borrows self mutably).
+        let (seed, on_nonfinite, max_skips) = (self.cfg.run.seed, self.cfg.run.on_nonfinite, self.cfg.run.max_consecutive_skips);
         if self.objective.refresh_teacher_at(step) {
             let t = self.teacher.as_mut().context("the objective refreshes its teacher but there is none")?;
             let source = self.objective.teacher_refresh_source();
@@ -310,7 +311,7 @@ impl Trainer {
             tracing::info!("step {step}: teacher refreshed from the {} weights", source.name());
         }
         let idx = self.order.next_batch();
-        let (rank, world_size, micro_batches) = (self.world.rank(), self.world.size(), cfg.run.micro_batches as usize);
+        let (rank, world_size, micro_batches) = (self.world.rank(), self.world.size(), self.cfg.run.micro_batches as usize);
         let parts = world_size * micro_batches;
         // This rank's micro-batches: global indices rank·m … rank·m + m − 1 of the split batch.
         let mine = |step: u64, m: usize, rows: &[i64]| -> (u64, Vec<i64>) {
@@ -330,7 +331,7 @@ impl Trainer {
         for m in 0..micro_batches {
             let (key, rows) = mine(step, m, &idx);
             let (x, class) = self.data.batch(&rows, key, device)?;
-            rng::reseed(cfg.run.seed, key, Stream::Train);
+            rng::reseed(seed, key, Stream::Train);
             let batch = match self.data.coupled_noise(&rows, device) {
                 Some(noise) => Batch::coupled(x, class, noise),
                 None => Batch::new(x, class),
@@ -360,7 +361,7 @@ impl Trainer {
             self.opt.step()?;
             self.ema.update(&self.online.vs);
         } else {
-            match cfg.run.on_nonfinite {
+            match on_nonfinite {
                 NonFinite::Stop => {
                     let last = self.ckdir.latest().ok().flatten().map(|c| c.dir.display().to_string()).unwrap_or_else(|| "none yet".into());
                     bail!("non-finite loss or gradient at step {step} (loss {}); stopping. Last good checkpoint: {last}. Lower the learning rate, or set run.on_nonfinite = \"skip\"", loss.value.double_value(&[]));
@@ -371,7 +372,7 @@ impl Trainer {
                     self.state.skipped_steps += 1;
                     self.state.consecutive_skips += 1;
                     tracing::warn!("step {step}: non-finite loss or gradient, update skipped ({} in a row)", self.state.consecutive_skips);
-                    ensure!(self.state.consecutive_skips <= cfg.run.max_consecutive_skips, "{} non-finite steps in a row (run.max_consecutive_skips = {}); stopping", self.state.consecutive_skips, cfg.run.max_consecutive_skips);
+                    ensure!(self.state.consecutive_skips <= max_skips, "{} non-finite steps in a row (run.max_consecutive_skips = {}); stopping", self.state.consecutive_skips, max_skips);
                     self.opt.zero_grad();
                 }
             }
