@@ -87,7 +87,7 @@ impl EvalConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.num_samples >= 2, "eval.num_samples = {} (fid --num-samples): must be >= 2 (FID needs a covariance)", self.num_samples);
         ensure!(self.batch >= 1, "eval.batch = {}: must be >= 1", self.batch);
-        ensure!(self.seeds >= 1, "eval.seeds = {}: must be >= 1", self.seeds);
+        ensure!(self.seeds >= 1, "eval.seeds = {} (fid --seeds): must be >= 1", self.seeds);
         if let Some(steps) = &self.steps {
             check_steps(steps, "eval.steps")?;
         }
