@@ -55,6 +55,7 @@ pub fn every_objective() -> Vec<Variant> {
         v("mean_flow", O::MeanFlow(MeanFlowConfig::default()), 0),
         v("mean_flow_guided", O::MeanFlow(MeanFlowConfig { guidance: Some(MeanFlowGuidance::default()), ..Default::default() }), 0),
         v("mean_flow_graph_free", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::GraphFree, ..Default::default() }), 0),
+        v("mean_flow_finite_difference", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::FiniteDifference, ..Default::default() }), 0),
         v("mean_flow_model_tangent_sg", O::MeanFlow(MeanFlowConfig::model_tangent_stop_gradient()), 0),
         v("mean_flow_model_tangent_full", O::MeanFlow(MeanFlowConfig::model_tangent_full()), 0),
     ]

@@ -4,7 +4,7 @@
 //! (official, with sg on the JVP term) or the model's own F(x_t, t, 0) (with or without sg); per-sample
 //! sums, adaptive weighting. Time: the official code already puts data at t = 0 (z_t = (1 − t)x + t·e);
 //! it differentiates over (z, t, r) with tangent (v, 1, 0), here over (z, t, h = t − r) with (v, 1, 1).
-use crate::jvp::{jvp, jvp_graph_free};
+use crate::jvp::{validate_fd_step, JvpMode};
 use crate::label_dropout::{null_classes, DropRows, LabelDropout};
 use crate::weighting::{sum_per_sample, AdaptiveWeighting};
 use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
@@ -23,20 +23,6 @@ pub enum MeanFlowTangent {
     /// The model's own instantaneous velocity F(x_t, t, 0, c) (the seed's first and second objectives;
     /// one extra forward pass).
     Model,
-}
-
-/// How the JVP is computed. Both run in float32: the DiT drops its bf16 autocast while a forward-AD
-/// level is active, and CUDA autocast is switched off around the JVP here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JvpMode {
-    /// One forward pass on dual numbers gives F and J·w; F keeps its graph and is the primal the
-    /// gradient flows through (math attention for the whole pass).
-    #[default]
-    OnePass,
-    /// J·w from a JVP under no_grad (no graph: less memory), then an ordinary forward for the
-    /// gradient (which may use fused attention). One extra forward. Needs `stop_gradient = true`.
-    GraphFree,
 }
 
 /// Guidance folded into the training target (MeanFlow §4.2, `guidance_fn`, methods.md §12.4):
@@ -71,8 +57,10 @@ pub struct MeanFlowConfig {
     pub tangent: MeanFlowTangent,
     /// sg on the JVP term; default true (official)
     pub stop_gradient: bool,
-    /// one_pass | graph_free; default one_pass
+    /// one_pass | graph_free | finite_difference; default one_pass
     pub jvp_mode: JvpMode,
+    /// finite_difference only: the central-difference step; default by dtype (1e-4 f64, 5e-3 f32)
+    pub jvp_fd_step: Option<f64>,
     /// power (1.0), c (0.01)
     pub weighting: AdaptiveWeighting,
     pub guidance: Option<MeanFlowGuidance>, // default none (v_g = v)
@@ -90,6 +78,7 @@ impl Default for MeanFlowConfig {
             tangent: MeanFlowTangent::Conditional,
             stop_gradient: true,
             jvp_mode: JvpMode::OnePass,
+            jvp_fd_step: None,
             weighting: AdaptiveWeighting::default(),
             guidance: None,
             label_dropout: 0.1,
@@ -118,14 +107,15 @@ impl MeanFlowConfig {
         let pairs = PairSamplerConfig::MeanFlow(self.times.clone());
         pairs.validate()?;
         self.weighting.validate()?;
-        anyhow::ensure!(self.stop_gradient || self.jvp_mode == JvpMode::OnePass, "mean_flow: stop_gradient = false needs jvp_mode = \"one_pass\" (the gradient flows through the JVP)");
+        anyhow::ensure!(self.stop_gradient || self.jvp_mode.differentiable(), "mean_flow: stop_gradient = false needs jvp_mode = \"one_pass\" (the gradient flows through the JVP), not \"{}\"", self.jvp_mode.name());
+        validate_fd_step(self.jvp_fd_step, "objective.jvp_fd_step")?;
         if let Some(g) = self.guidance {
             anyhow::ensure!(g.omega.is_finite() && g.kappa.is_finite() && g.kappa < 1.0, "mean_flow: need finite omega and kappa < 1");
             anyhow::ensure!(0.0 <= g.t_start && g.t_start <= g.t_end && g.t_end <= 1.0, "mean_flow: need 0 <= t_start <= t_end <= 1");
         }
         let dropout = LabelDropout { p: self.label_dropout, rows: self.label_dropout_rows };
         dropout.validate()?;
-        Ok(MeanFlow { path: self.path.build(), pairs: pairs.build(), tangent: self.tangent, stop_gradient: self.stop_gradient, jvp_mode: self.jvp_mode, weighting: self.weighting, guidance: self.guidance, dropout })
+        Ok(MeanFlow { path: self.path.build(), pairs: pairs.build(), tangent: self.tangent, stop_gradient: self.stop_gradient, jvp_mode: self.jvp_mode, jvp_fd_step: self.jvp_fd_step, weighting: self.weighting, guidance: self.guidance, dropout })
     }
 }
 
@@ -136,6 +126,7 @@ pub struct MeanFlow {
     pub tangent: MeanFlowTangent,
     pub stop_gradient: bool,
     pub jvp_mode: JvpMode,
+    pub jvp_fd_step: Option<f64>,
     pub weighting: AdaptiveWeighting,
     pub guidance: Option<MeanFlowGuidance>,
     pub dropout: LabelDropout,
@@ -203,13 +194,7 @@ impl Objective for MeanFlow {
         let tangents = [w, t.ones_like(), t.ones_like()];
         let (u, du_dt) = {
             let _fp32 = fp32_scope(device);
-            match self.jvp_mode {
-                JvpMode::OnePass => jvp(f, &primals, &tangents).expect("mean_flow: jvp"),
-                JvpMode::GraphFree => {
-                    let (_, du_dt) = jvp_graph_free(f, &primals, &tangents).expect("mean_flow: jvp");
-                    (net.forward(&x_t, &t, &h, &class), du_dt)
-                }
-            }
+            self.jvp_mode.primal_and_jvp(f, &primals, &tangents, self.jvp_fd_step).expect("mean_flow: jvp")
         };
 
         let err = if self.stop_gradient {

@@ -114,6 +114,12 @@ fn mean_flow_residuals_are_the_conditional_variance() {
     let b = run(&graph_free, &net, &batch).value.double_value(&[]);
     println!("one_pass {a:.12} vs graph_free {b:.12}");
     assert!((a - b).abs() <= 1e-12 * a.abs());
+    // The finite-difference JVP (float32, default step) gives the same loss up to its truncation.
+    let fd = MeanFlowConfig { weighting: AdaptiveWeighting::none(), jvp_mode: JvpMode::FiniteDifference, ..Default::default() }.build().unwrap();
+    tch::manual_seed(7);
+    let c = run(&fd, &net, &batch).value.double_value(&[]);
+    println!("one_pass {a:.12} vs finite_difference {c:.12}");
+    assert!((a - c).abs() <= 1e-4 * a.abs(), "{a} vs {c}");
 
     // Model tangent (the seed's first and second objectives): with the exact u₀ = v_marg the
     // residual is v_marg − v, so the loss is D·E_t[s²/σ_t²] over the sampler's t.

@@ -81,7 +81,13 @@ fn typos_are_rejected() {
 
 #[test]
 fn invalid_values_fail_at_build() {
-    for text in ["kind = \"mean_flow\"\nstop_gradient = false\njvp_mode = \"graph_free\"", "kind = \"flow_matching\"\nlabel_dropout = 1.5", "kind = \"live_reflow\"\nreflow_fraction = 2.0"] {
+    for text in [
+        "kind = \"mean_flow\"\nstop_gradient = false\njvp_mode = \"graph_free\"",
+        "kind = \"mean_flow\"\nstop_gradient = false\njvp_mode = \"finite_difference\"",
+        "kind = \"mean_flow\"\njvp_mode = \"finite_difference\"\njvp_fd_step = 0.0",
+        "kind = \"flow_matching\"\nlabel_dropout = 1.5",
+        "kind = \"live_reflow\"\nreflow_fraction = 2.0",
+    ] {
         assert!(parse(text).unwrap().build().is_err(), "built: {text}");
     }
     // Shortcut validates while parsing (its preset is resolved there).
