@@ -40,16 +40,32 @@ fn the_new_form_reads_each_kind_with_its_defaults() {
     assert!(latents.latents().is_some() && folder.latents().is_none());
 }
 
+/// `data.image_size = 16` for MNIST: the padded 32×32 digits average-pooled 2× (pixel (i, j) is
+/// the mean of the 2×2 block at (2i, 2j)); other sizes and a model of another size are refused
+/// naming the key.
+#[test]
+fn builtin_image_size_pools_the_padded_digits() {
+    let sets = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (small, _) = load_config(&tiny(), &sets(&["data.image_size=16", "model.input_size=16", "model.patch_size=2"])).unwrap();
+    let (full, _) = load_config(&tiny(), &[]).unwrap();
+    assert_eq!(small.data.sample_shape(), vec![1, 16, 16]);
+    let (DataConfig::Mnist(s), DataConfig::Mnist(f)) = (&small.data, &full.data) else { panic!("tiny_cpu.toml is not mnist") };
+    let (s, f) = (s.load(DataSet::Mnist, 10).unwrap().images, f.load(DataSet::Mnist, 10).unwrap().images);
+    assert_eq!((s.size(), f.size()), (vec![256, 1, 16, 16], vec![256, 1, 32, 32]));
+    let block = f.narrow(2, 14, 2).narrow(3, 16, 2).mean_dim([2i64, 3].as_slice(), false, tch::Kind::Float);
+    let pooled = s.narrow(2, 7, 1).narrow(3, 8, 1).flatten(1, 3);
+    assert!(pooled.allclose(&block, 1e-6, 1e-6, false));
+    assert!(block.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0);
+    let e = err(&tiny(), &["data.image_size=20"]);
+    assert!(e.contains("data.image_size = 20") && e.contains("32, 16 or 8"), "{e}");
+    let e = err(&tiny(), &["data.image_size=16"]);
+    assert!(e.contains("[1, 16, 16]") && e.contains("[1, 32, 32]"), "{e}");
+}
+
 #[test]
 fn keys_of_another_kind_are_refused_naming_the_key() {
     // tiny_cpu.toml is mnist with limit = 256: latents have no limit, image folders no split.
-    for (sets, key) in [
-        (&["data.layout=\"flat\""][..], "layout"),
-        (&["data.image_size=64"], "image_size"),
-        (&["data.workers=2"], "workers"),
-        (&["data.kind=\"latents\"", "data.path=\"x\""], "limit"),
-        (&["data.kind=\"image_folder\"", "data.split=\"test\""], "split"),
-    ] {
+    for (sets, key) in [(&["data.layout=\"flat\""][..], "layout"), (&["data.workers=2"], "workers"), (&["data.kind=\"latents\"", "data.path=\"x\""], "limit"), (&["data.kind=\"image_folder\"", "data.split=\"test\""], "split")] {
         let e = err(&tiny(), sets);
         assert!(e.contains(&format!("unknown field `{key}`")), "--set {sets:?}: {e}");
         assert!(e.contains("tiny_cpu.toml") && e.contains("data"), "--set {sets:?}: {e}");

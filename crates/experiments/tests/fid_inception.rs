@@ -132,7 +132,7 @@ fn fid_of_a_split_against_itself_is_zero_and_against_a_shifted_copy_is_large() {
 #[test]
 fn split_reference_is_cached_and_keyed_by_convention() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = SplitSpec { dataset: RefDataset::Mnist, split: Split::Test, num_images: Some(8) };
+    let spec = SplitSpec { dataset: RefDataset::Mnist, split: Split::Test, num_images: Some(8), image_size: 32 };
     let pt = Inception::load(Device::Cpu, Preprocess::PytorchFid).unwrap();
     let (first, from_cache) = Reference::from_split(&pt, &spec, dir.path()).unwrap();
     assert!(!from_cache);

@@ -70,6 +70,10 @@ pub struct BuiltinConfig {
     /// train on the (noise, sample) pairs of this file from `flowmap reflow-pairs`; ${VAR} expanded
     #[serde(default)]
     pub reflow_pairs: Option<String>,
+    /// side in pixels: 32 (default: the 28×28 digit padded by 2), or 16 or 8 (the padded image
+    /// average-pooled 2× or 4×; FID references of the built-in split are pooled the same way)
+    #[serde(default)]
+    pub image_size: Option<i64>,
 }
 
 /// `kind = "image_folder"`.
@@ -171,10 +175,6 @@ pub const LATENT_FACTOR: i64 = 8;
 
 impl DataSet {
     pub const NUM_CLASSES: i64 = 10;
-    /// (channels, height, width) of one built-in image.
-    pub fn shape(self) -> [i64; 3] {
-        [1, super::idx::PADDED, super::idx::PADDED]
-    }
     /// The `kind` string.
     pub fn name(self) -> &'static str {
         match self {
@@ -265,7 +265,7 @@ impl DataConfig {
     /// Side of the images in pixels (decoded images for latents).
     pub fn image_size(&self) -> i64 {
         match self {
-            DataConfig::Mnist(_) | DataConfig::FashionMnist(_) => super::idx::PADDED,
+            DataConfig::Mnist(b) | DataConfig::FashionMnist(b) => b.image_size.unwrap_or(super::idx::PADDED),
             DataConfig::ImageFolder(f) => f.image_size,
             DataConfig::Latents(l) => l.image_size,
         }
@@ -275,7 +275,7 @@ impl DataConfig {
     pub fn sample_shape(&self) -> Vec<i64> {
         let s = self.image_size();
         match self {
-            DataConfig::Mnist(_) | DataConfig::FashionMnist(_) => self.data_set().shape().to_vec(),
+            DataConfig::Mnist(_) | DataConfig::FashionMnist(_) => vec![1, s, s],
             DataConfig::ImageFolder(_) => vec![3, s, s],
             DataConfig::Latents(_) => vec![LATENT_CHANNELS, s / LATENT_FACTOR, s / LATENT_FACTOR],
         }
@@ -315,6 +315,9 @@ impl DataConfig {
                     if let (None, Some(total)) = (&b.reflow_pairs, self.data_set().split_len(b.split)) {
                         ensure!(n <= total, "data.limit = {n}: must be between 1 and {total} (the size of {name} {:?})", b.split);
                     }
+                }
+                if let Some(s) = b.image_size {
+                    super::idx::pool_factor(s).with_context(|| format!("data.image_size = {s} for {name}"))?;
                 }
                 Ok(())
             }
@@ -414,8 +417,8 @@ fn check_image_size(s: i64) -> Result<()> {
 }
 
 impl BuiltinConfig {
-    /// The training tensors of `set`: x (N, 1, 32, 32) and class (N,), where unconditional data
-    /// gets the null class `null_class` on every row.
+    /// The training tensors of `set`: x (N, 1, S, S) (S = `image_size`, default 32) and class (N,),
+    /// where unconditional data gets the null class `null_class` on every row.
     pub fn load(&self, set: DataSet, null_class: i64) -> Result<LabelledImages> {
         let mut d = set.load(self.split)?;
         if let Some(n) = self.limit {
@@ -424,6 +427,7 @@ impl BuiltinConfig {
             d.images = d.images.narrow(0, 0, n as i64);
             d.labels = d.labels.narrow(0, 0, n as i64);
         }
+        d.images = super::idx::downsample(&d.images, self.image_size.unwrap_or(super::idx::PADDED))?;
         if !self.conditional {
             d.labels = Tensor::full([d.labels.size()[0]], null_class, (Kind::Int64, d.labels.device()));
         }

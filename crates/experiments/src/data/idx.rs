@@ -103,3 +103,17 @@ pub fn split_files(dir: &Path, split: Split, gz: bool) -> (PathBuf, PathBuf) {
     let ext = if gz { ".gz" } else { "" };
     (dir.join(format!("{prefix}-images-idx3-ubyte{ext}")), dir.join(format!("{prefix}-labels-idx1-ubyte{ext}")))
 }
+
+/// The average-pooling factor that takes the padded 32×32 images to `size` (32, 16 or 8).
+pub fn pool_factor(size: i64) -> Result<i64> {
+    match size {
+        32 | 16 | 8 => Ok(PADDED / size),
+        _ => bail!("the built-in data sets come at 32, 16 or 8 pixels (32: the 28×28 digits padded by 2; 16 and 8: average-pooled), not {size}"),
+    }
+}
+
+/// (N, 1, 32, 32) images average-pooled to (N, 1, size, size) (unchanged at 32).
+pub fn downsample(images: &Tensor, size: i64) -> Result<Tensor> {
+    let f = pool_factor(size)?;
+    Ok(if f == 1 { images.shallow_clone() } else { images.avg_pool2d([f, f], [f, f], [0, 0], false, true, None) })
+}

@@ -129,6 +129,7 @@ pub fn reference(data: &DataConfig, eval: &EvalConfig, inception: &Inception) ->
             SplitName::Test => Split::Test,
         },
         num_images: eval.reference.num_images,
+        image_size: if data.is_builtin() { data.image_size() } else { crate::data::idx::PADDED },
     };
     let (r, cached) = Reference::from_split(inception, &spec, &fid::default_cache_dir())?;
     tracing::info!("reference statistics {} ({})", r.name, if cached { "cached" } else { "computed and cached" });

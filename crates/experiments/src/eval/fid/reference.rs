@@ -60,6 +60,8 @@ pub struct SplitSpec {
     pub dataset: RefDataset,
     pub split: Split,
     pub num_images: Option<usize>,
+    /// Side of the images (32: as stored, padded; 16 or 8: average-pooled as the training data).
+    pub image_size: i64,
 }
 
 impl SplitSpec {
@@ -69,7 +71,10 @@ impl SplitSpec {
             Split::Train => "train",
             Split::Test => "test",
         };
-        format!("{}-{split}-{count}", self.dataset.name())
+        match self.image_size {
+            idx::PADDED => format!("{}-{split}-{count}", self.dataset.name()),
+            s => format!("{}{s}px-{split}-{count}", self.dataset.name()),
+        }
     }
 }
 
@@ -190,8 +195,11 @@ impl Reference {
         let total = images.size()[0] as usize;
         let n = spec.num_images.unwrap_or(total);
         ensure!((2..=total).contains(&n), "{}: asked for {n} reference images, the split has {total}", images_path.display());
-        let images = images.narrow(0, 0, n as i64);
-        let identity = format!("{rel}:{sha}:first");
+        let images = idx::downsample(&images.narrow(0, 0, n as i64), spec.image_size)?;
+        let identity = match spec.image_size {
+            idx::PADDED => format!("{rel}:{sha}:first"),
+            s => format!("{rel}:{sha}:first:avgpool{s}"),
+        };
         Self::from_images_cached(inception, &images, &spec.label(n), &identity, cache_dir)
     }
 
