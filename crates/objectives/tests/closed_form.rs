@@ -193,3 +193,159 @@ fn ddpm_loss_with_the_exact_noise_prediction_is_the_posterior_variance() {
     let expected = (&ab * (s * s) / (&ab * (s * s) - &ab + 1.0)).mean(Kind::Double).double_value(&[]);
     assert_close(loss, expected, 0.03, "DDPM loss with the exact noise prediction");
 }
+
+/// σ'_t = dσ_t/dt = (t − s²(1 − t))/σ_t, the slope g at h = 0 of [`exact_u`].
+fn g0(t: &Tensor, s: f64) -> Tensor {
+    (t - (-t + 1.0) * (s * s)) / sigma_t(t, s)
+}
+/// The slope g(t, r) of [`exact_u`]: u = −mu + g/σ_t·(x_t − (1 − t)·mu).
+fn g_of(t: &Tensor, r: &Tensor, s: f64) -> Tensor {
+    ((t + r) - (-(t + r) + 2.0) * (s * s)) / (sigma_t(t, s) + sigma_t(r, s))
+}
+
+/// The exact average velocity as a network that takes a guidance input (and ignores it: the
+/// data are unconditional, so v̂(ω | y) = v̂(1 | ∅) and the guided target is v for every ω).
+struct ExactGuided(f64);
+impl VelocityField for ExactGuided {
+    fn forward(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor) -> Tensor {
+        exact_u(self.0)(x_t, t, h, class)
+    }
+    fn null_class(&self) -> i64 {
+        0
+    }
+    fn takes_guidance(&self) -> bool {
+        true
+    }
+    fn forward_guidance(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, g: &flowmap_core::GuidanceInput) -> Option<Tensor> {
+        assert!(g.scale.ge(1.0).all().int64_value(&[]) == 1, "ω >= 1");
+        Some(self.forward(x_t, t, h, class))
+    }
+}
+
+#[test]
+fn improved_mean_flow_v_loss_is_the_conditional_variance() {
+    let _g = lock();
+    let s = 1.0;
+    let net = (exact_u(s), 0);
+    tch::manual_seed(21);
+    let batch = data(16_384, s);
+    // With the exact u and the model's exact tangent v̂ = v_marg, the compound V = u + h·du/dt is
+    // v_marg exactly (the identity of methods.md §1.2: zero self-consistency residual), so both
+    // terms are ‖v_marg − v‖², mean D·E_t[s²/σ_t²] over the pairs' t [derived].
+    let expected = over_pairs(|t, _| (s * s) / sigma_t(t, s).square());
+    let unweighted = |cfg: ImprovedMeanFlowConfig| ImprovedMeanFlowConfig { weighting: AdaptiveWeighting::none(), ..cfg }.build().unwrap();
+    let plain = unweighted(ImprovedMeanFlowConfig::default());
+    tch::manual_seed(8);
+    let l = run(&plain, &net, &batch);
+    assert_close(metric(&l, "imf_loss_u_unweighted"), expected, 0.03, "iMF V-term with the exact u");
+    assert_close(metric(&l, "imf_loss_v_unweighted"), expected, 0.03, "iMF v-term with the exact u");
+    assert_close(l.value.double_value(&[]), 2.0 * expected, 0.03, "iMF total (unweighted) with the exact u");
+    // The guided (official) setting on a network that takes the scale and interval: same values.
+    let guided = unweighted(ImprovedMeanFlowConfig::official());
+    tch::manual_seed(8);
+    let lg = run(&guided, &ExactGuided(s), &batch);
+    assert_close(metric(&lg, "imf_loss_u_unweighted"), expected, 0.03, "iMF guided V-term with the exact u");
+
+    // The three JVP modes give the same loss from the same draws (float64 data: the finite
+    // difference agrees to ~1e-9 relative).
+    let a = metric(&l, "imf_loss_u_unweighted");
+    for mode in [JvpMode::GraphFree, JvpMode::FiniteDifference] {
+        let other = unweighted(ImprovedMeanFlowConfig { jvp_mode: mode, ..Default::default() });
+        tch::manual_seed(8);
+        let b = metric(&run(&other, &net, &batch), "imf_loss_u_unweighted");
+        println!("iMF one_pass {a:.12} vs {} {b:.12}", mode.name());
+        assert!((a - b).abs() <= 1e-6 * a, "{} differs: {a} vs {b}", mode.name());
+    }
+
+    // Point mass: every residual vanishes, with the adaptive weighting on, guided or not.
+    let point = (exact_u(0.0), 0);
+    tch::manual_seed(9);
+    let batch0 = data(2048, 0.0);
+    for (name, cfg) in [("plain", ImprovedMeanFlowConfig::default()), ("guided", ImprovedMeanFlowConfig::official())] {
+        let objective = cfg.build().unwrap();
+        let l = if name == "guided" { run(&objective, &ExactGuided(0.0), &batch0) } else { run(&objective, &point, &batch0) };
+        let (ru, rv) = (metric(&l, "imf_loss_u_unweighted"), metric(&l, "imf_loss_v_unweighted"));
+        println!("iMF {name} on a point mass: V-term {ru:.3e}, v-term {rv:.3e}");
+        assert!(ru < 1e-18 && rv < 1e-18, "{ru} {rv}");
+    }
+}
+
+/// E of α-Flow's per-row, per-element residual with the exact u, over its (t, r) draws
+/// (half the rows r = t from one logit-normal draw, half t = max, r = min of two) [derived]:
+/// r = t rows: s²/σ_t²; other rows with δ = α·h, s' = t − δ:
+///   α > 0: (α·σ_r/σ_s')²·[(g(t, s') − σ'_t)² + s²/σ_t²]  (the target's residual is
+///          α·(σ_r/σ_s')·(u(x_t, t, δ) − v): it inherits the error of stepping with v, not u)
+///   α = 0: (σ_r/σ_t)²·s²/σ_t²                                (MeanFlow's)
+fn alpha_flow_expected(alpha: f64, s: f64) -> f64 {
+    let n = 2_000_000;
+    let ln = |n: i64| (Tensor::randn([n], F64) * 1.0 - 0.4).sigmoid();
+    let t_fm = ln(n);
+    let fm = (s * s / sigma_t(&t_fm, s).square()).mean(Kind::Double).double_value(&[]);
+    let (a, b) = (ln(n), ln(n));
+    let (t, r) = (a.maximum(&b), a.minimum(&b));
+    let var = sigma_t(&t, s).square().reciprocal() * (s * s);
+    let mf = if alpha == 0.0 {
+        (sigma_t(&r, s) / sigma_t(&t, s)).square() * &var
+    } else {
+        let sp = &t - (&t - &r) * alpha;
+        let ratio = sigma_t(&r, s) / sigma_t(&sp, s) * alpha;
+        ratio.square() * ((g_of(&t, &sp, s) - g0(&t, s)).square() + &var)
+    };
+    0.5 * fm + 0.5 * mf.mean(Kind::Double).double_value(&[])
+}
+
+#[test]
+fn alpha_flow_residuals_match_their_closed_forms_along_the_curriculum() {
+    let _g = lock();
+    let s = 1.0;
+    let net = (exact_u(s), 0);
+    let af = AlphaFlowConfig::default().build().unwrap();
+    tch::manual_seed(31);
+    let batch = data(32_768, s);
+    // The sigmoid curriculum: α = 1 at the start, 1/2 at mid-training, 0 at the end.
+    for (step, alpha) in [(0, 1.0), (200_000, 0.5), (400_000, 0.0)] {
+        assert_eq!(af.cfg.alpha.at(step), alpha);
+        tch::manual_seed(100 + step as i64);
+        let expected = alpha_flow_expected(alpha, s);
+        tch::manual_seed(32);
+        let l = af.loss(Nets { online: &net, ema: &net, teacher: None }, &batch, step);
+        assert_close(metric(&l, "af_loss_unweighted"), expected, 0.03, &format!("alpha-Flow at step {step} (α = {alpha}) with the exact u"));
+    }
+    // α = 0 (MeanFlow's target): the three JVP modes agree in float64.
+    tch::manual_seed(33);
+    let a = metric(&af.loss(Nets { online: &net, ema: &net, teacher: None }, &batch, 400_000), "af_loss_unweighted");
+    for mode in [JvpMode::GraphFree, JvpMode::FiniteDifference] {
+        let other = AlphaFlowConfig { jvp_mode: mode, ..Default::default() }.build().unwrap();
+        tch::manual_seed(33);
+        let b = metric(&other.loss(Nets { online: &net, ema: &net, teacher: None }, &batch, 400_000), "af_loss_unweighted");
+        println!("alpha-Flow (α = 0) one_pass {a:.12} vs {} {b:.12}", mode.name());
+        assert!((a - b).abs() <= 1e-6 * a, "{} differs: {a} vs {b}", mode.name());
+    }
+    // Point mass: zero at every α.
+    let point = (exact_u(0.0), 0);
+    tch::manual_seed(34);
+    let batch0 = data(2048, 0.0);
+    for step in [0, 150_000, 200_000, 250_000, 400_000] {
+        let raw = metric(&af.loss(Nets { online: &point, ema: &point, teacher: None }, &batch0, step), "af_loss_unweighted");
+        println!("alpha-Flow at step {step} (α = {:.4}) on a point mass: {raw:.3e}", af.cfg.alpha.at(step));
+        assert!(raw < 1e-18, "{raw}");
+    }
+}
+
+#[test]
+fn split_mean_flow_splitting_residual_vanishes() {
+    let _g = lock();
+    let s = 1.0;
+    let net = (exact_u(s), 0);
+    tch::manual_seed(41);
+    let batch = data(32_768, s);
+    let split = SplitMeanFlowConfig::default().build().unwrap();
+    let l = run(&split, &net, &batch);
+    // The exact flow map satisfies the interval-splitting identity: zero residual on r < t rows.
+    let consistency = metric(&l, "split_consistency_loss");
+    println!("SplitMeanFlow splitting residual with the exact u: {consistency:.3e}");
+    assert!(consistency < 1e-20, "{consistency}");
+    // The r = t rows are flow matching: D·E[s²/σ_t²] over the pairs' t.
+    let expected = over_pairs(|t, _| (s * s) / sigma_t(t, s).square());
+    assert_close(metric(&l, "split_flow_loss"), expected, 0.03, "SplitMeanFlow r = t rows with the exact velocity");
+}

@@ -265,6 +265,11 @@ impl ExperimentConfig {
             self.objective.kind()
         );
         ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", self.objective.kind());
+        ensure!(
+            !objective.needs_guidance_input() || self.model.takes_guidance(),
+            "objective.guidance of objective.kind = {:?} conditions the network on the guidance scale and interval: set model.guidance_conditioning = true (model.kind = \"dit\"), or remove objective.guidance",
+            self.objective.kind()
+        );
         self.sampler()?;
         Ok(())
     }
