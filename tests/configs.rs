@@ -71,6 +71,7 @@ fn flow_map_objective_settings_are_checked_naming_the_key() {
         ("alpha_flow.toml", "objective.alpha.initial=1.5", "objective.alpha.initial"),
         ("alpha_flow.toml", "objective.fm_fraction=2.0", "objective.fm_fraction"),
         ("split_mean_flow.toml", "objective.label_dropout=2.0", "label_dropout"),
+        ("split_mean_flow.toml", "model.guidance_conditioning=true", "model.guidance_conditioning"),
     ] {
         let e = format!("{:#}", config::load_config(&dir.join(file), &[set.to_string()]).unwrap_err());
         assert!(e.contains(key), "{file} --set {set}: {e}");

@@ -62,7 +62,8 @@ use tch::Tensor;
 pub struct ImfGuidance {
     /// ω ∈ [1, 1 + scale_max]; default 7 (`s_max = 7.0`)
     pub scale_max: f64,
-    /// β of the power law (`cfg_beta`): density ∝ (1 + ω)^(−β) … β = 1 is log-uniform; default 1
+    /// β of the power law (`cfg_beta`): ω = (1 + (1 + ω_max)^(1−β)·U − U)^(1/(1−β)), β = 1 the
+    /// log-uniform limit ω = (1 + ω_max)^U; default 1
     pub scale_beta: f64,
     /// t_min ~ U[t_min_range]; default [0, 0.5]
     pub t_min_range: [f64; 2],
