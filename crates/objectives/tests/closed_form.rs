@@ -28,11 +28,16 @@ fn sigma_t(t: &Tensor, s: f64) -> Tensor {
 /// x_r = mu_r + (σ_r/σ_t)(x_t − mu_t) gives u = −mu + g/σ_t·(x_t − (1 − t)·mu) with
 /// g = (σ_t − σ_r)/h = [(t + r) − s²(2 − t − r)]/(σ_t + σ_r). At h = 0, u = v = dx_t/dt.
 fn exact_u(s: f64) -> impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor {
+    exact_u_mean(s, MU)
+}
+
+/// [`exact_u`] for data N(mu, s²·I).
+fn exact_u_mean(s: f64, mu: f64) -> impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor {
     move |x_t: &Tensor, t: &Tensor, h: &Tensor, _class: &Tensor| {
         let r = t - h;
         let (st, sr) = (sigma_t(t, s), sigma_t(&r, s));
         let g = ((t + &r) - (-(t + &r) + 2.0) * (s * s)) / (&st + &sr);
-        (x_t - per_sample(&(-t + 1.0), x_t) * MU) * per_sample(&(g / st), x_t) - MU
+        (x_t - per_sample(&(-t + 1.0), x_t) * mu) * per_sample(&(g / st), x_t) - mu
     }
 }
 
@@ -222,6 +227,30 @@ impl VelocityField for ExactGuided {
     }
 }
 
+/// A guidance-conditioned field that is already at iMF's fixed point: with a = the exact
+/// velocity of the class's data N(MU, s²) and b = any "unconditional" field (the exact one of
+/// N(−1, s²)), F(ω, [t_min, t_max] | y) = ω'·a + (1 − ω')·b, ω' = ω for t in the interval and 1
+/// outside; F(· | ∅) = b.
+struct CfgFixedPoint(f64);
+impl VelocityField for CfgFixedPoint {
+    fn forward(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor) -> Tensor {
+        self.forward_guidance(x_t, t, h, class, &flowmap_core::GuidanceInput::constant(t, 1.0, 0.0, 1.0)).unwrap()
+    }
+    fn null_class(&self) -> i64 {
+        1
+    }
+    fn takes_guidance(&self) -> bool {
+        true
+    }
+    fn forward_guidance(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, g: &flowmap_core::GuidanceInput) -> Option<Tensor> {
+        let (a, b) = (exact_u_mean(self.0, MU)(x_t, t, h, class), exact_u_mean(self.0, -1.0)(x_t, t, h, class));
+        let inside = t.ge_tensor(&g.t_min).logical_and(&t.le_tensor(&g.t_max));
+        let w = g.scale.where_self(&inside, &t.ones_like()).where_self(&class.ne(1), &t.ones_like());
+        let base = a.where_self(&per_sample(&class.ne(1), x_t), &b);
+        Some(per_sample(&w, x_t) * base + per_sample(&(-w + 1.0), x_t) * b)
+    }
+}
+
 #[test]
 fn improved_mean_flow_v_loss_is_the_conditional_variance() {
     let _g = lock();
@@ -245,6 +274,14 @@ fn improved_mean_flow_v_loss_is_the_conditional_variance() {
     tch::manual_seed(8);
     let lg = run(&guided, &ExactGuided(s), &batch);
     assert_close(metric(&lg, "imf_loss_u_unweighted"), expected, 0.03, "iMF guided V-term with the exact u");
+    // The guided target itself: at the CFG fixed point v̂(ω) = ω·a + (1 − ω)·b the v-term's residual
+    // is a − v on every row (inside or outside each row's interval), so its mean is the
+    // conditional variance again, for every drawn ω and interval [derived]. (No label dropout:
+    // dropped rows would compare b with v.)
+    let fixed = unweighted(ImprovedMeanFlowConfig { label_dropout: 0.0, ..ImprovedMeanFlowConfig::official() });
+    tch::manual_seed(8);
+    let lf = run(&fixed, &CfgFixedPoint(s), &batch);
+    assert_close(metric(&lf, "imf_loss_v_unweighted"), expected, 0.03, "iMF guided v-term at the CFG fixed point");
 
     // The three JVP modes give the same loss from the same draws (float64 data: the finite
     // difference agrees to ~1e-9 relative).
