@@ -5,7 +5,8 @@
 //!
 //! Each MeanFlow row (t > r, h = t − r) takes a step of δ = α·h from x_t along the (guided)
 //! conditional velocity v_g and asks the network to agree with itself over the rest [r, t − δ]
-//! (paper Eq. for L_α; code `_compute_mean_velocity_d`), all under no_grad:
+//! (the paper's L_α as summarised by secondary sources — the PDF was not read for this port; code
+//! `_compute_mean_velocity_d`, which this file follows), all under no_grad:
 //!
 //! ```text
 //! α > 0:  u_tgt = (δ·v_g + (h − δ)·F(x_t − δ·v_g, t − δ, h − δ)) / h       (α = 1: u_tgt = v_g)
@@ -37,6 +38,8 @@
 //!   (methods.md §12.4) on rows with t_start < t < t_end (strict), from the online net at h = 0;
 //!   labels are dropped (p = `label_dropout`) only on those rows, **before** the guided terms are
 //!   computed, and dropped rows keep v_g (MeanFlow instead resets them to v).
+//! * The code's logit-normal draws are rescaled by (1 − eps) to [0, 1 − eps] (`sample_logit_norm_time`,
+//!   eps from the unreachable config); flowmap draws on [0, 1].
 //! * Time convention: the code's net(x, sigma_next = r, sigma = t) is F(x, t, h = t − r) here; its
 //!   JVP along (v_g, 0, 1) over (x, r, t) is J·(v_g, 1, 1) over (x, t, h).
 use crate::jvp::{validate_fd_step, JvpMode};

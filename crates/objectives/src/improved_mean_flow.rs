@@ -2,7 +2,7 @@
 //! @bf60cd7, `imf.py` `iMeanFlow.forward`, `guidance_fn`, `sample_cfg_scale`, `sample_cfg_interval`,
 //! `models/imfDiT.py`; methods.md §14).
 //!
-//! The loss is a v-loss (paper §3, "compound function"): with (u, du/dt) the JVP of
+//! The loss is a v-loss on the code's "compound function" V: with (u, du/dt) the JVP of
 //! (z, t, h) ↦ F(z, t, h | ω, t_min, t_max, c) along the **model's own** velocity v̂_c (not ε − x),
 //!
 //! ```text
@@ -44,8 +44,10 @@
 //!   embeddings to its adaLN vector beside t, h and the class.
 //! * **Time convention.** The code differentiates u(z, t, r) along (v̂_c, 1, 0); here
 //!   F(z, t, h = t − r) along (v̂_c, 1, 1) — the same derivative.
-//! * Paper vs code: the paper's tangent is written with v_θ; the code's `v_c` is the
-//!   interval-masked conditional guided prediction, which is what this file uses.
+//! * Paper vs code: the equations here follow the code (the PDF was not read for this port); the
+//!   code's tangent `v_c` is the interval-masked, ω-conditioned prediction for the row's own label
+//!   (before dropout), its unconditional pass uses ω = 1, and its r = t rows ignore the interval
+//!   when forming v_g — all kept.
 use crate::jvp::{validate_fd_step, JvpMode};
 use crate::label_dropout::{null_classes, DropRows, LabelDropout};
 use crate::mean_flow::fp32_scope;

@@ -1,6 +1,6 @@
 //! SplitMeanFlow (Guo et al., ByteDance Seed, arXiv 2507.16884; methods.md §1.2 and §14): the
-//! JVP-free flow-map objective. It trains the interval-splitting identity (paper Eq. 7 and
-//! Algorithm 1) instead of MeanFlow's differential one: for r < s < t,
+//! JVP-free flow-map objective. It trains the interval-splitting identity instead of MeanFlow's
+//! differential one: for r < s < t,
 //!
 //! ```text
 //! (t − r)·u(z_t, r, t) = (s − r)·u(z_s, r, s) + (t − s)·u(z_t, s, t),   z_s = z_t − (t − s)·u(z_t, s, t)
@@ -18,18 +18,20 @@
 //!
 //! Why SplitMeanFlow rather than SoFlow (arXiv 2512.15657): its whole definition is one algebraic
 //! identity of the flow map (the one methods.md §1.2 already states, of which Shortcut's
-//! self-consistency is the h₁ = h₂ dyadic case), with the boundary condition as plain flow
-//! matching; it has no extra loss terms, schedules or network heads to reconstruct, so what is
-//! implemented is exactly what the paper defines, and its fixed point (the exact average velocity)
-//! is testable in closed form (zero residual). SoFlow's official code could not be read from here,
-//! so its defaults could not be confirmed. SplitMeanFlow has **no official code release** either;
-//! everything below follows the paper text.
+//! self-consistency is the h₁ = h₂ dyadic case) plus flow matching as the boundary condition; there
+//! are no extra loss terms, schedules or network heads to reconstruct, so what is implemented is
+//! what the paper defines, and its fixed point (the exact average velocity) is testable in closed
+//! form (zero residual). SoFlow's official code could not be read from here, so its losses and
+//! defaults could not be confirmed.
 //!
-//! Settings: the paper trains speech models (Seed-TTS, some initialised from a flow-matching
-//! teacher) and gives no image defaults; here (t, r) are MeanFlow's pairs (logit-normal(−0.4, 1),
-//! t = max, r = min) with half the rows r = t, and the targets come from the online net under a
-//! stop-gradient — all \[unverified\] against the paper's own settings, which are left as options
-//! (`times`, `target_net`).
+//! Sources and what is \[unverified\]: SplitMeanFlow has **no official code release**. The identity
+//! ("interval splitting consistency") and the JVP-free training it motivates were read
+//! in the paper's abstract and in secondary summaries; the algorithm box itself (paper Algorithm 1)
+//! could not be read here. So these are flowmap's choices, to check against the PDF: λ ~ U[0, 1];
+//! a stop-gradient on the whole split target, evaluated by the online net (`target_net`); (t, r)
+//! from MeanFlow's pairs (logit-normal(−0.4, 1), t = max, r = min) with half the rows r = t
+//! (`times`); a plain mean of per-sample sums (`weighting`). The paper's results are on speech
+//! synthesis; no image-generation settings were found.
 use crate::label_dropout::{DropRows, LabelDropout};
 use crate::weighting::{sum_per_sample, AdaptiveWeighting};
 use crate::{Batch, DefaultSampler, Loss, Nets, Objective, TargetNet};
