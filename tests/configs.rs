@@ -58,6 +58,29 @@ fn typos_in_any_section_are_rejected_naming_the_key() {
     assert!(e.contains("model.num_classes = 3"), "{e}");
 }
 
+/// The newer flow-map objectives reject bad settings with the key named: iMF's guidance needs a
+/// network that takes it, α-Flow's curriculum and the sampling interval are range-checked.
+#[test]
+fn flow_map_objective_settings_are_checked_naming_the_key() {
+    let dir = experiments_dir().join("small/mnist/cond");
+    for (file, set, key) in [
+        ("improved_mean_flow.toml", "model.guidance_conditioning=false", "model.guidance_conditioning"),
+        ("improved_mean_flow.toml", "objective.guidance.t_min_range=[0.6, 0.2]", "objective.guidance.t_min_range"),
+        ("improved_mean_flow.toml", "sampling.cfg_interval=[0.7, 0.2]", "sampling.cfg_interval"),
+        ("alpha_flow.toml", "objective.alpha.end_step=0", "objective.alpha"),
+        ("alpha_flow.toml", "objective.alpha.initial=1.5", "objective.alpha.initial"),
+        ("alpha_flow.toml", "objective.fm_fraction=2.0", "objective.fm_fraction"),
+        ("split_mean_flow.toml", "objective.label_dropout=2.0", "label_dropout"),
+        ("split_mean_flow.toml", "model.guidance_conditioning=true", "model.guidance_conditioning"),
+    ] {
+        let e = format!("{:#}", config::load_config(&dir.join(file), &[set.to_string()]).unwrap_err());
+        assert!(e.contains(key), "{file} --set {set}: {e}");
+    }
+    for file in ["improved_mean_flow.toml", "alpha_flow.toml", "split_mean_flow.toml"] {
+        config::load_config(&dir.join(file), &["sampling.cfg_interval=[0.4, 0.65]".into()]).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    }
+}
+
 /// Every experiment file dry-runs (`flowmap train FILE --dry-run`, without the forward pass): on
 /// data this machine has (MNIST, Fashion-MNIST) it passes; a file whose data are not here
 /// (ImageNet, CelebA-HQ, latents, reflow pairs still to be made) fails with an error naming what is

@@ -53,8 +53,8 @@ fn batch(x_shape: &[i64]) -> Batch {
 }
 
 /// Every objective of `flowmap_objectives::every_objective()` whose network output matches these nets.
-fn check_all(label: &str, nets: &Three, x_shape: &[i64], learned_variance: bool) {
-    for Variant { name, config: cfg, step, .. } in every_objective().into_iter().filter(|v| v.learned_variance == learned_variance) {
+fn check_all(label: &str, nets: &Three, x_shape: &[i64], learned_variance: bool, guidance_input: bool) {
+    for Variant { name, config: cfg, step, .. } in every_objective().into_iter().filter(|v| v.learned_variance == learned_variance && v.guidance_input == guidance_input) {
         let objective = cfg.build_for_batch(x_shape[0]).unwrap_or_else(|e| panic!("{name}: {e}"));
         let run = || {
             tch::manual_seed(42);
@@ -103,23 +103,32 @@ fn every_objective_on_the_mlp() {
         let cfg = MlpConfig { width: 64, depth: 2, num_classes: CLASSES, ..MlpConfig::new(2) };
         Box::new(cfg.init(p).unwrap())
     };
-    check_all("mlp", &three(&make), &[B, 2], false);
+    check_all("mlp", &three(&make), &[B, 2], false, false);
 }
 
 fn tiny_dit(variance: Variance) -> DitConfig {
     DitConfig { in_channels: 2, input_size: 8, num_classes: CLASSES, variance, ..DitConfig::arch(1, 32, 2, 2) }
 }
 
+/// The objectives that condition the network on a guidance scale and interval (improved MeanFlow)
+/// on a tiny DiT with `guidance_conditioning`: gradients reach the guidance embedders too.
+#[test]
+fn guidance_conditioned_objectives_on_a_tiny_dit() {
+    let _g = lock();
+    let make = |p: nn::Path| -> Box<dyn VelocityField> { Box::new(DitConfig { guidance_conditioning: true, ..tiny_dit(Variance::Fixed) }.init(p).unwrap()) };
+    check_all("dit+g", &three(&make), &[B, 2, 8, 8], false, true);
+}
+
 #[test]
 fn every_objective_on_a_tiny_dit() {
     let _g = lock();
     let make = |p: nn::Path| -> Box<dyn VelocityField> { Box::new(tiny_dit(Variance::Fixed).init(p).unwrap()) };
-    check_all("dit", &three(&make), &[B, 2, 8, 8], false);
+    check_all("dit", &three(&make), &[B, 2, 8, 8], false, false);
 }
 
 #[test]
 fn ddpm_with_learned_variance_on_a_tiny_dit() {
     let _g = lock();
     let make = |p: nn::Path| -> Box<dyn VelocityField> { Box::new(tiny_dit(Variance::Learned).init(p).unwrap()) };
-    check_all("dit", &three(&make), &[B, 2, 8, 8], true);
+    check_all("dit", &three(&make), &[B, 2, 8, 8], true, false);
 }

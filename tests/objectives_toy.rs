@@ -1,6 +1,8 @@
 //! A short training run on a 2-D mixture of four Gaussians with the small MLP: one-step samples of
 //! MeanFlow and Shortcut land far closer to the data (sliced Wasserstein-1 against fresh data) than
-//! one-step flow-matching samples, while flow matching with 64 Euler steps is close as well.
+//! one-step flow-matching samples, while flow matching with 64 Euler steps is close as well; so do
+//! those of improved MeanFlow, alpha-Flow (its curriculum run over the 800 steps, ending as
+//! MeanFlow) and SplitMeanFlow, by the same margin.
 use flowmap::models::{MlpConfig, SinusoidalTime, TimeEmbedding};
 use flowmap::objectives::*;
 use flowmap::VelocityField;
@@ -73,7 +75,7 @@ fn sample(net: &dyn VelocityField, steps: i64, jump: bool) -> Tensor {
 }
 
 #[test]
-fn one_step_mean_flow_and_shortcut_beat_one_step_flow_matching() {
+fn one_step_flow_maps_beat_one_step_flow_matching() {
     let _g = lock();
     tch::set_num_threads(1); // tiny matmuls: threading costs more than it saves
     let start = std::time::Instant::now();
@@ -103,4 +105,23 @@ fn one_step_mean_flow_and_shortcut_beat_one_step_flow_matching() {
     assert!(fm_64 < 0.15 * fm_1, "FM with 64 steps must be close: {fm_64} vs 1 step {fm_1}");
     assert!(mf_1 < 0.35 * fm_1, "MeanFlow one step {mf_1} vs FM one step {fm_1}");
     assert!(sc_1 < 0.35 * fm_1, "Shortcut one step {sc_1} vs FM one step {fm_1}");
+
+    // The newer flow-map objectives, with the same uniform times and r = t share as MeanFlow above.
+    let pairs = || flowmap::time::MeanFlowPairsConfig { equal_fraction: 0.25, times: flowmap::TimeSamplerConfig::Uniform(flowmap::NoParams {}) };
+    let t2 = std::time::Instant::now();
+    let imf = train(ObjectiveConfig::ImprovedMeanFlow(ImprovedMeanFlowConfig { times: pairs(), label_dropout: no_dropout, ..Default::default() }), SEED + 4);
+    let af = train(
+        ObjectiveConfig::AlphaFlow(AlphaFlowConfig { fm_fraction: 0.25, times: flowmap::TimeSamplerConfig::Uniform(flowmap::NoParams {}), alpha: AlphaSchedule { start_step: 0, end_step: STEPS as u64, ..Default::default() }, ..Default::default() }),
+        SEED + 5,
+    );
+    let split = train(ObjectiveConfig::SplitMeanFlow(SplitMeanFlowConfig { times: pairs(), label_dropout: no_dropout, ..Default::default() }), SEED + 6);
+    tch::manual_seed(1999);
+    let reference = mixture(EVAL);
+    let w = |x: Tensor| sliced_w1(&x, &reference);
+    let fm_1b = w(sample(&fm.1, 1, false));
+    let (imf_1, af_1, split_1) = (w(sample(&imf.1, 1, true)), w(sample(&af.1, 1, true)), w(sample(&split.1, 1, true)));
+    println!("({:.1} s) FM 1 step {fm_1b:.3}; iMF 1 step {imf_1:.3}; alpha-Flow 1 step {af_1:.3}; SplitMeanFlow 1 step {split_1:.3}", t2.elapsed().as_secs_f64());
+    assert!(imf_1 < 0.35 * fm_1b, "iMF one step {imf_1} vs FM one step {fm_1b}");
+    assert!(af_1 < 0.35 * fm_1b, "alpha-Flow one step {af_1} vs FM one step {fm_1b}");
+    assert!(split_1 < 0.35 * fm_1b, "SplitMeanFlow one step {split_1} vs FM one step {fm_1b}");
 }

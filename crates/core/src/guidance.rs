@@ -11,6 +11,10 @@ use crate::{per_sample, VelocityField};
 ///
 /// w = 1 skips the unconditional half and returns the conditional output
 /// exactly (one B-row forward).
+///
+/// A network that [takes guidance as an input](VelocityField::takes_guidance) (improved MeanFlow)
+/// is instead called once on B rows with ω = `scale` and the interval (`interval`, default [0, 1])
+/// as inputs: its guidance was learned in training, so no unconditional pass runs.
 pub struct Guided<'a> {
     pub net: &'a dyn VelocityField,
     pub scale: f64,
@@ -27,6 +31,11 @@ impl<'a> Guided<'a> {
 impl VelocityField for Guided<'_> {
     /// x_t (B, ...), t and h (B,), class (B,) Int64 → (B, ...).
     fn forward(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor) -> Tensor {
+        if self.net.takes_guidance() {
+            let (lo, hi) = self.interval.unwrap_or((0.0, 1.0));
+            let g = crate::GuidanceInput::constant(t, self.scale, lo, hi);
+            return self.net.forward_guidance(x_t, t, h, class, &g).expect("a network that takes guidance returns forward_guidance");
+        }
         if self.scale == 1.0 {
             return self.net.forward(x_t, t, h, class);
         }

@@ -28,7 +28,7 @@ pub use gaussian::{ExactAverageVelocity, ExactEps, ExactVelocity, GaussianData};
 pub use grids::{edm_grid, logsnr_grid, GridKind};
 pub use guidance::Guided;
 pub use interpolant::{DdpmConfig, DdpmSchedule, Interpolant, InterpolantConfig, Linear, SigmaMinConfig, TrigFlow, TrigFlowConfig, VpCosine, VpCosineConfig, VpLinearBeta};
-pub use net::{per_sample, VelocityField};
+pub use net::{per_sample, GuidanceInput, VelocityField};
 pub use nfe::NfeCounter;
 pub use sampling::{check_grid, dpm_solver_pp, sample, uniform_grid, unipc, Diffusion, DiffusionScale, Prediction, Reads, RuleName, StepRule, TimeGrid};
 pub use time::{ConsistencyCurriculum, ConsistencyGrid, CtSchedule, DdpmSteps, DiscreteUniform, DyadicSteps, GridSpacing, LogitNormal, MeanFlowPairs, PairSampler, PairSamplerConfig, TimePair, TimeSampler, TimeSamplerConfig, Uniform};

@@ -12,6 +12,37 @@ pub trait VelocityField {
     fn forward(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor) -> Tensor;
     /// The class index that means "unconditional" (K for K classes; 0 for an unconditional model).
     fn null_class(&self) -> i64;
+    /// Whether the network takes a guidance scale and interval as inputs ([`Self::forward_guidance`];
+    /// improved MeanFlow's conditioning). False by default.
+    fn takes_guidance(&self) -> bool {
+        false
+    }
+    /// The field conditioned on a guidance scale ω and interval ([`GuidanceInput`]), for networks
+    /// that [take guidance](Self::takes_guidance); `None` for the others.
+    fn forward_guidance(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, guidance: &GuidanceInput) -> Option<Tensor> {
+        let _ = (x_t, t, h, class, guidance);
+        None
+    }
+}
+
+/// Guidance as a network input (improved MeanFlow, arXiv 2512.02012, `imfDiT.py`): the CFG scale
+/// ω ≥ 1 and the interval [t_min, t_max] the guided field applies guidance on, each (B,) float.
+#[derive(Debug)]
+pub struct GuidanceInput {
+    pub scale: Tensor,
+    pub t_min: Tensor,
+    pub t_max: Tensor,
+}
+
+impl GuidanceInput {
+    /// The same (ω, t_min, t_max) for every row of `like` (B,).
+    pub fn constant(like: &Tensor, scale: f64, t_min: f64, t_max: f64) -> Self {
+        Self { scale: like.full_like(scale), t_min: like.full_like(t_min), t_max: like.full_like(t_max) }
+    }
+    /// Rows `a` then `b` (the 2B batch of a conditional and an unconditional pass).
+    pub fn cat(a: &Self, b: &Self) -> Self {
+        Self { scale: Tensor::cat(&[&a.scale, &b.scale], 0), t_min: Tensor::cat(&[&a.t_min, &b.t_min], 0), t_max: Tensor::cat(&[&a.t_max, &b.t_max], 0) }
+    }
 }
 
 impl<F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor> VelocityField for (F, i64) {

@@ -56,4 +56,14 @@ impl VelocityField for NfeCounter<'_> {
     fn null_class(&self) -> i64 {
         self.net.null_class()
     }
+
+    fn takes_guidance(&self) -> bool {
+        self.net.takes_guidance()
+    }
+
+    fn forward_guidance(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, guidance: &crate::GuidanceInput) -> Option<Tensor> {
+        self.calls.set(self.calls.get() + 1);
+        self.rows.set(self.rows.get() + x_t.size()[0]);
+        self.net.forward_guidance(x_t, t, h, class, guidance)
+    }
 }

@@ -148,3 +148,38 @@ fn ema_with_a_model_built_shadow_and_copy_to() {
     let partial = store(&[("lin.weight", &[0.0, 0.0])]);
     assert!(Ema::with_shadow(partial, &online, 0.5, false).is_err());
 }
+
+/// A network that takes guidance as an input (improved MeanFlow) gets ω and the interval through
+/// `forward_guidance` in one B-row call, counted as one NFE; no unconditional pass runs.
+#[test]
+fn guided_passes_scale_and_interval_to_a_network_that_takes_them() {
+    use flowmap_core::{GuidanceInput, NfeCounter};
+    /// F = x·ω + t_min − t_max (so the inputs are visible in the output).
+    struct TakesGuidance(Cell<usize>);
+    impl VelocityField for TakesGuidance {
+        fn forward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Tensor {
+            panic!("a guidance-taking network is called through forward_guidance")
+        }
+        fn null_class(&self) -> i64 {
+            10
+        }
+        fn takes_guidance(&self) -> bool {
+            true
+        }
+        fn forward_guidance(&self, x_t: &Tensor, _t: &Tensor, _h: &Tensor, _c: &Tensor, g: &GuidanceInput) -> Option<Tensor> {
+            self.0.set(self.0.get() + 1);
+            Some(x_t * g.scale.reshape([-1, 1]) + (&g.t_min - &g.t_max).reshape([-1, 1]))
+        }
+    }
+    let net = TakesGuidance(Cell::new(0));
+    let (x, t, h, class) = inputs();
+    let counter = NfeCounter::new(&net);
+    let out = Guided { interval: Some((0.4, 0.65)), ..Guided::new(&counter, 7.5) }.forward(&x, &t, &h, &class);
+    let expected = &x * 7.5 + (0.4 - 0.65);
+    assert!((out - expected).abs().max().double_value(&[]) < 1e-12);
+    assert_eq!(net.0.get(), 1);
+    assert_eq!(counter.nfe(3), 1.0);
+    // Without an interval: [0, 1]; scale 1 is passed too (not skipped).
+    let out = Guided::new(&net, 1.0).forward(&x, &t, &h, &class);
+    assert!((out - (&x - 1.0)).abs().max().double_value(&[]) < 1e-12);
+}

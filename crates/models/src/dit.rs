@@ -5,7 +5,7 @@
 use crate::embedding::{timestep_embedding, HEmbedding, MAX_PERIOD, TIMESTEP_FREQUENCIES};
 use crate::precision::Precision;
 use anyhow::{ensure, Result};
-use flowmap_core::VelocityField;
+use flowmap_core::{GuidanceInput, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -80,6 +80,11 @@ pub struct DitConfig {
     pub variance: Variance,
     /// f32 | tf32 | bf16 (CUDA only; CPU runs f32); default f32
     pub precision: Precision,
+    /// Improved MeanFlow's guidance conditioning (arXiv 2512.02012, `imfDiT.py`): three more
+    /// timestep embedders for 1 − 1/ω, t_min and t_max of the CFG scale ω and interval, added to
+    /// the adaLN conditioning (the official model prepends them as in-context tokens instead).
+    /// Plain `forward` then means ω = 1 on [0, 1]. Default false.
+    pub guidance_conditioning: bool,
 }
 
 impl DitConfig {
@@ -123,10 +128,11 @@ impl DitConfig {
         let patch = linear(self.in_channels * p * p, d);
         let t_mlp = linear(TIMESTEP_FREQUENCIES, d) + linear(d, d);
         let h_mlp = if self.h_embedding == HEmbedding::None { 0 } else { t_mlp };
+        let guidance_mlps = if self.guidance_conditioning { 3 * t_mlp } else { 0 };
         let labels = (self.num_classes + 1) * d;
         let block = linear(d, 3 * d) + linear(d, d) + linear(d, m) + linear(m, d) + linear(d, 6 * d);
         let last = linear(d, 2 * d) + linear(d, p * p * self.out_channels());
-        patch + t_mlp + h_mlp + labels + self.depth * block + last
+        patch + t_mlp + h_mlp + guidance_mlps + labels + self.depth * block + last
     }
 }
 
@@ -305,6 +311,8 @@ pub struct Dit {
     pos_embed: Tensor, // (1, T, D), frozen
     t_embedder: TimestepEmbedder,
     h_embedder: Option<TimestepEmbedder>,
+    /// 1 − 1/ω, t_min, t_max embedders (`guidance_conditioning`)
+    guidance_embedders: Option<[TimestepEmbedder; 3]>,
     y_table: Tensor, // (K + 1, D)
     blocks: Vec<Block>,
     final_ada_ln: nn::Linear,
@@ -329,12 +337,13 @@ impl Dit {
 
         let t_embedder = TimestepEmbedder::new(path / "t_embedder", d);
         let h_embedder = (cfg.h_embedding != HEmbedding::None).then(|| TimestepEmbedder::new(path / "h_embedder", d));
+        let guidance_embedders = cfg.guidance_conditioning.then(|| ["omega_embedder", "t_min_embedder", "t_max_embedder"].map(|name| TimestepEmbedder::new(path / name, d)));
         let y_table = (path / "y_embedder").var("embedding_table", &[cfg.num_classes + 1, d], nn::Init::Randn { mean: 0.0, stdev: EMBED_INIT_STD });
         let blocks = (0..cfg.depth).map(|i| Block::new(path / "blocks" / i, cfg)).collect();
         let final_ada_ln = zero_linear(path / "final_layer" / "adaLN_modulation" / 1, d, 2 * d);
         let final_linear = zero_linear(path / "final_layer" / "linear", d, p * p * cfg.out_channels());
         let precision = cfg.precision.effective(path.device());
-        Ok(Self { cfg: cfg.clone(), precision, x_embedder, pos_embed, t_embedder, h_embedder, y_table, blocks, final_ada_ln, final_linear })
+        Ok(Self { cfg: cfg.clone(), precision, x_embedder, pos_embed, t_embedder, h_embedder, guidance_embedders, y_table, blocks, final_ada_ln, final_linear })
     }
 
     pub fn config(&self) -> &DitConfig {
@@ -350,11 +359,26 @@ impl Dit {
         self.y_table.device()
     }
 
-    /// The conditioning vector e = t_emb(t) + h_emb(h) + y_emb(class), (B, D).
-    fn conditioning(&self, t: &Tensor, h: &Tensor, class: &Tensor) -> Tensor {
+    /// The conditioning vector e = t_emb(t) + h_emb(h) + y_emb(class) (+ the guidance embeddings
+    /// with `guidance_conditioning`; `None` means ω = 1 on [0, 1]), (B, D).
+    fn conditioning(&self, t: &Tensor, h: &Tensor, class: &Tensor, guidance: Option<&GuidanceInput>) -> Tensor {
         let mut e = self.t_embedder.forward(&(t * self.cfg.t_scale)) + Tensor::embedding(&self.y_table, class, -1, false, false); // (B, D)
         if let (Some(embedder), Some(s)) = (&self.h_embedder, self.cfg.h_embedding.input(h, self.cfg.t_scale)) {
             e = e + embedder.forward(&s); // (B, D)
+        }
+        if let Some([omega, t_min, t_max]) = &self.guidance_embedders {
+            let unguided;
+            let g = match guidance {
+                Some(g) => g,
+                None => {
+                    unguided = GuidanceInput::constant(t, 1.0, 0.0, 1.0);
+                    &unguided
+                }
+            };
+            let ts = self.cfg.t_scale;
+            // imfDiT embeds 1 − 1/ω (in [0, 1) for ω >= 1), not ω itself.
+            e = e + omega.forward(&((-g.scale.reciprocal() + 1.0) * ts)) + t_min.forward(&(&g.t_min * ts)) + t_max.forward(&(&g.t_max * ts));
+            // (B, D)
         }
         e
     }
@@ -362,13 +386,19 @@ impl Dit {
     /// The forward pass with explicit kernels; `forward` picks them automatically.
     /// x_t (B, C, H, W); t, h (B,); class (B,) Int64 -> (B, C_out, H, W) in x_t's dtype.
     pub fn forward_with(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, path: AttnPath) -> Tensor {
+        self.forward_guided_with(x_t, t, h, class, None, path)
+    }
+
+    /// [`Self::forward_with`] with a guidance input (used with `guidance_conditioning`; ignored
+    /// without it).
+    pub fn forward_guided_with(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, guidance: Option<&GuidanceInput>, path: AttnPath) -> Tensor {
         let (b, c, height, width) = x_t.size4().expect("dit input must be (B, C, H, W)");
         let (p, size) = (self.cfg.patch_size, self.cfg.input_size);
         assert!(c == self.cfg.in_channels && height == size && width == size, "dit: input {:?} does not match in_channels {} and input_size {size}", x_t.size(), self.cfg.in_channels);
         let _precision = self.precision.enter();
         let x = self.x_embedder.forward(x_t).flatten(2, 3).transpose(1, 2); // (B, T, D)
         let mut x = x + &self.pos_embed; // (B, T, D)
-        let c_act = self.conditioning(t, h, class).silu(); // (B, D); every adaLN starts with SiLU
+        let c_act = self.conditioning(t, h, class, guidance).silu(); // (B, D); every adaLN starts with SiLU
         for block in &self.blocks {
             x = block.forward(&x, &c_act, path); // (B, T, D)
         }
@@ -390,5 +420,13 @@ impl VelocityField for Dit {
 
     fn null_class(&self) -> i64 {
         self.cfg.num_classes
+    }
+
+    fn takes_guidance(&self) -> bool {
+        self.cfg.guidance_conditioning
+    }
+
+    fn forward_guidance(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, guidance: &GuidanceInput) -> Option<Tensor> {
+        self.cfg.guidance_conditioning.then(|| self.forward_guided_with(x_t, t, h, class, Some(guidance), AttnPath::auto()))
     }
 }

@@ -53,6 +53,7 @@ impl DitConfig {
             t_scale: 1.0,
             variance: Variance::Fixed,
             precision: Precision::F32,
+            guidance_conditioning: false,
         }
     }
 }
@@ -97,6 +98,7 @@ pub struct DitSpec {
     pub t_scale: Option<f64>,
     pub variance: Option<Variance>,
     pub precision: Option<Precision>,
+    pub guidance_conditioning: Option<bool>,
 }
 
 impl TryFrom<DitSpec> for DitConfig {
@@ -113,7 +115,7 @@ impl TryFrom<DitSpec> for DitConfig {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = s.$field { cfg.$field = v; } )* };
         }
-        set!(depth, hidden_size, num_heads, patch_size, mlp_ratio, in_channels, input_size, num_classes, h_embedding, attn_scale, t_scale, variance, precision);
+        set!(depth, hidden_size, num_heads, patch_size, mlp_ratio, in_channels, input_size, num_classes, h_embedding, attn_scale, t_scale, variance, precision, guidance_conditioning);
         cfg.validate()?;
         Ok(cfg)
     }

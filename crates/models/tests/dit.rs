@@ -241,3 +241,40 @@ fn spec_resolves_presets_and_overrides() {
     let custom = DitSpec { depth: Some(2), hidden_size: Some(64), num_heads: Some(4), patch_size: Some(2), ..Default::default() };
     assert_eq!(DitConfig::try_from(custom).unwrap(), DitConfig::arch(2, 64, 4, 2));
 }
+
+/// `guidance_conditioning` (improved MeanFlow): three more timestep embedders, counted; output 0
+/// at init; plain `forward` is ω = 1 on [0, 1]; the scale and both interval ends reach the output;
+/// off by default (and then `forward_guidance` is `None`).
+#[test]
+fn guidance_conditioning_adds_scale_and_interval_inputs() {
+    use flowmap_core::GuidanceInput;
+    tch::manual_seed(3);
+    assert!(!DitConfig::b2().guidance_conditioning);
+    let plain_cfg = tiny_config();
+    let cfg = DitConfig { guidance_conditioning: true, ..tiny_config() };
+    assert_eq!(cfg.num_parameters() - plain_cfg.num_parameters(), 3 * (256 * 64 + 64 + 64 * 64 + 64));
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = cfg.init(vs.root()).unwrap();
+    assert_eq!(trainable(&vs), cfg.num_parameters());
+    assert!(net.takes_guidance());
+    for k in ["omega_embedder.mlp.0.weight", "t_min_embedder.mlp.2.weight", "t_max_embedder.mlp.0.bias"] {
+        assert!(vs.variables().contains_key(k), "{k}");
+    }
+    let (x, t, h, class) = inputs(&cfg, 3, Kind::Float);
+    let g1 = GuidanceInput::constant(&t, 1.0, 0.0, 1.0);
+    let at_init = tch::no_grad(|| net.forward_guidance(&x, &t, &h, &class, &g1).unwrap());
+    assert_eq!(at_init.abs().max().double_value(&[]), 0.0);
+    randomise_zeros(&vs, 0.1);
+    let (plain, unguided) = tch::no_grad(|| (net.forward(&x, &t, &h, &class), net.forward_guidance(&x, &t, &h, &class, &g1).unwrap()));
+    assert!(plain.equal(&unguided), "plain forward must be ω = 1 on [0, 1]");
+    for (name, g) in [("scale", GuidanceInput::constant(&t, 4.0, 0.0, 1.0)), ("t_min", GuidanceInput::constant(&t, 1.0, 0.3, 1.0)), ("t_max", GuidanceInput::constant(&t, 1.0, 0.0, 0.7))] {
+        let out = tch::no_grad(|| net.forward_guidance(&x, &t, &h, &class, &g).unwrap());
+        assert!(max_abs_diff(&out, &plain) > 1e-4, "{name} does not reach the output");
+    }
+    // Without the option: no guidance input, no extra variables, the same output as before.
+    let vs0 = nn::VarStore::new(Device::Cpu);
+    let net0 = plain_cfg.init(vs0.root()).unwrap();
+    assert!(!net0.takes_guidance());
+    assert!(net0.forward_guidance(&x, &t, &h, &class, &g1).is_none());
+    assert!(!vs0.variables().keys().any(|k| k.starts_with("omega_embedder")));
+}

@@ -13,8 +13,8 @@ const CLASSES: i64 = 10;
 const BATCH: i64 = 64;
 const WARMUP: usize = 3;
 
-fn dit(variance: Variance) -> DitConfig {
-    DitConfig { in_channels: 4, input_size: 16, num_classes: CLASSES, variance, ..DitConfig::arch(2, 64, 4, 2) }
+fn dit(variance: Variance, guidance_conditioning: bool) -> DitConfig {
+    DitConfig { in_channels: 4, input_size: 16, num_classes: CLASSES, variance, guidance_conditioning, ..DitConfig::arch(2, 64, 4, 2) }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,12 +34,12 @@ fn main() -> anyhow::Result<()> {
         failure: Option<String>,
     }
     let mut entries = vec![];
-    for Variant { name, config: cfg, step, learned_variance } in every_objective() {
+    for Variant { name, config: cfg, step, learned_variance, guidance_input } in every_objective() {
         let variance = if learned_variance { Variance::Learned } else { Variance::Fixed };
         tch::manual_seed(0);
         let make = || -> anyhow::Result<(VarStore, flowmap_models::Dit)> {
             let vs = VarStore::new(Device::Cpu);
-            let net = dit(variance).init(vs.root())?;
+            let net = dit(variance, guidance_input).init(vs.root())?;
             Ok((vs, net))
         };
         let nets = [make()?, make()?, make()?];

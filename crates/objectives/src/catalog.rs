@@ -5,7 +5,8 @@ use crate::*;
 
 impl ObjectiveConfig {
     /// Every `kind` an `[objective]` table can name (one per variant of [`ObjectiveConfig`]).
-    pub const KINDS: [&'static str; 9] = ["flow_matching", "ddpm", "consistency_training", "consistency_distillation", "progressive_distillation", "reflow", "live_reflow", "shortcut", "mean_flow"];
+    pub const KINDS: [&'static str; 12] =
+        ["flow_matching", "ddpm", "consistency_training", "consistency_distillation", "progressive_distillation", "reflow", "live_reflow", "shortcut", "mean_flow", "improved_mean_flow", "alpha_flow", "split_mean_flow"];
 
     /// The `kind` of this config, as TOML writes it. A new variant must be named here and in
     /// [`Self::KINDS`] (the match is exhaustive; `tests/config.rs` checks the list covers KINDS).
@@ -20,6 +21,9 @@ impl ObjectiveConfig {
             Self::LiveReflow(_) => "live_reflow",
             Self::Shortcut(_) => "shortcut",
             Self::MeanFlow(_) => "mean_flow",
+            Self::ImprovedMeanFlow(_) => "improved_mean_flow",
+            Self::AlphaFlow(_) => "alpha_flow",
+            Self::SplitMeanFlow(_) => "split_mean_flow",
         }
     }
 }
@@ -34,13 +38,16 @@ pub struct Variant {
     pub step: u64,
     /// The network must predict a variance too (DDPM with learned variance: 2× output channels).
     pub learned_variance: bool,
+    /// The network must take a guidance scale and interval as inputs (improved MeanFlow's
+    /// official setting; DiT `guidance_conditioning`).
+    pub guidance_input: bool,
 }
 
 /// Every objective kind with its official settings and notable options (guided teachers and
 /// rollouts, both Shortcut settings, every MeanFlow tangent and JVP mode).
 pub fn every_objective() -> Vec<Variant> {
     use ObjectiveConfig as O;
-    let v = |name, config, step| Variant { name, config, step, learned_variance: false };
+    let v = |name, config, step| Variant { name, config, step, learned_variance: false, guidance_input: false };
     vec![
         v("flow_matching", O::FlowMatching(FlowMatchingConfig::default()), 0),
         v("ddpm", O::Ddpm(DdpmObjectiveConfig::default()), 0),
@@ -58,5 +65,13 @@ pub fn every_objective() -> Vec<Variant> {
         v("mean_flow_finite_difference", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::FiniteDifference, ..Default::default() }), 0),
         v("mean_flow_model_tangent_sg", O::MeanFlow(MeanFlowConfig::model_tangent_stop_gradient()), 0),
         v("mean_flow_model_tangent_full", O::MeanFlow(MeanFlowConfig::model_tangent_full()), 0),
+        v("improved_mean_flow", O::ImprovedMeanFlow(ImprovedMeanFlowConfig::default()), 0),
+        Variant { guidance_input: true, ..v("improved_mean_flow_guided", O::ImprovedMeanFlow(ImprovedMeanFlowConfig::official()), 0) },
+        v("improved_mean_flow_finite_difference", O::ImprovedMeanFlow(ImprovedMeanFlowConfig { jvp_mode: JvpMode::FiniteDifference, ..Default::default() }), 0),
+        v("alpha_flow_trajectory_fm", O::AlphaFlow(AlphaFlowConfig::default()), 0),
+        v("alpha_flow_mid_curriculum", O::AlphaFlow(AlphaFlowConfig { guidance: Some(MeanFlowGuidance::default()), label_dropout: 0.1, target_clip: Some(4.0), ..Default::default() }), 200_000),
+        v("alpha_flow_mean_flow_end", O::AlphaFlow(AlphaFlowConfig::default()), 400_000),
+        v("alpha_flow_end_finite_difference", O::AlphaFlow(AlphaFlowConfig { jvp_mode: JvpMode::FiniteDifference, ..Default::default() }), 400_000),
+        v("split_mean_flow", O::SplitMeanFlow(SplitMeanFlowConfig::default()), 0),
     ]
 }

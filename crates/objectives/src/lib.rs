@@ -6,10 +6,12 @@ use flowmap_core::{InterpolantConfig, Prediction, RuleName, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+pub mod alpha_flow;
 pub mod catalog;
 pub mod consistency;
 pub mod ddpm;
 pub mod flow_matching;
+pub mod improved_mean_flow;
 pub mod jvp;
 pub mod label_dropout;
 pub mod live_reflow;
@@ -17,12 +19,15 @@ pub mod mean_flow;
 pub mod progressive;
 pub mod reflow;
 pub mod shortcut;
+pub mod split_mean_flow;
 pub mod weighting;
 
+pub use alpha_flow::{AlphaCurve, AlphaFlow, AlphaFlowConfig, AlphaSchedule};
 pub use catalog::{every_objective, Variant};
 pub use consistency::{ConsistencyDistillation, ConsistencyDistillationConfig, ConsistencyTraining, ConsistencyTrainingConfig};
 pub use ddpm::{Ddpm, DdpmObjectiveConfig, DdpmVariance};
 pub use flow_matching::{FlowMatching, FlowMatchingConfig};
+pub use improved_mean_flow::{ImfGuidance, ImprovedMeanFlow, ImprovedMeanFlowConfig};
 pub use jvp::{default_fd_step, jvp, jvp_finite_difference, jvp_graph_free, JvpMode};
 pub use label_dropout::{DropRows, LabelDropout};
 pub use live_reflow::{LiveReflow, LiveReflowConfig, ReflowTarget};
@@ -30,6 +35,7 @@ pub use mean_flow::{MeanFlow, MeanFlowConfig, MeanFlowGuidance, MeanFlowTangent}
 pub use progressive::{ProgressiveConfig, ProgressiveDistillation};
 pub use reflow::{Reflow, ReflowConfig};
 pub use shortcut::{Shortcut, ShortcutConfig, ShortcutPreset};
+pub use split_mean_flow::{SplitMeanFlow, SplitMeanFlowConfig};
 pub use weighting::AdaptiveWeighting;
 
 /// A training batch: `x` (B, C, H, W) or (B, D) data in the model's space; `class` (B,) Int64.
@@ -81,6 +87,12 @@ pub trait Objective: Send {
     }
     /// Whether `loss` uses `nets.teacher` (the loop then requires one).
     fn needs_teacher(&self) -> bool {
+        false
+    }
+    /// Whether `loss` calls the network with a guidance scale and interval as inputs
+    /// ([`VelocityField::forward_guidance`]; improved MeanFlow with `guidance`): the model must
+    /// take them (`model.guidance_conditioning = true`).
+    fn needs_guidance_input(&self) -> bool {
         false
     }
     /// Whether every batch must carry stored (noise, sample) couplings (`Batch::noise`): two-stage
@@ -171,6 +183,9 @@ pub enum ObjectiveConfig {
     LiveReflow(LiveReflowConfig),
     Shortcut(ShortcutConfig),
     MeanFlow(MeanFlowConfig),
+    ImprovedMeanFlow(ImprovedMeanFlowConfig),
+    AlphaFlow(AlphaFlowConfig),
+    SplitMeanFlow(SplitMeanFlowConfig),
 }
 
 impl ObjectiveConfig {
@@ -186,6 +201,9 @@ impl ObjectiveConfig {
             Self::LiveReflow(c) => Box::new(c.build()?),
             Self::Shortcut(c) => Box::new(c.build()?),
             Self::MeanFlow(c) => Box::new(c.build()?),
+            Self::ImprovedMeanFlow(c) => Box::new(c.build()?),
+            Self::AlphaFlow(c) => Box::new(c.build()?),
+            Self::SplitMeanFlow(c) => Box::new(c.build()?),
         })
     }
 
@@ -201,6 +219,9 @@ impl ObjectiveConfig {
             Self::LiveReflow(c) => c.default_sampler(),
             Self::Shortcut(c) => c.default_sampler(),
             Self::MeanFlow(c) => c.default_sampler(),
+            Self::ImprovedMeanFlow(c) => c.default_sampler(),
+            Self::AlphaFlow(c) => c.default_sampler(),
+            Self::SplitMeanFlow(c) => c.default_sampler(),
         }
     }
 

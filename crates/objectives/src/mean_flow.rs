@@ -133,7 +133,7 @@ pub struct MeanFlow {
 }
 
 /// CUDA autocast off while alive (JVPs run in float32; methods.md §12.7). A no-op on the CPU.
-fn fp32_scope(device: Device) -> Option<flowmap_sys::AutocastGuard> {
+pub(crate) fn fp32_scope(device: Device) -> Option<flowmap_sys::AutocastGuard> {
     match device {
         Device::Cuda(_) => Some(flowmap_sys::AutocastGuard::new(flowmap_sys::AutocastDevice::Cuda, false, tch::Kind::Float).expect("switching autocast off for the JVP")),
         _ => None,

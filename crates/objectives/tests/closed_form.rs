@@ -28,11 +28,16 @@ fn sigma_t(t: &Tensor, s: f64) -> Tensor {
 /// x_r = mu_r + (σ_r/σ_t)(x_t − mu_t) gives u = −mu + g/σ_t·(x_t − (1 − t)·mu) with
 /// g = (σ_t − σ_r)/h = [(t + r) − s²(2 − t − r)]/(σ_t + σ_r). At h = 0, u = v = dx_t/dt.
 fn exact_u(s: f64) -> impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor {
+    exact_u_mean(s, MU)
+}
+
+/// [`exact_u`] for data N(mu, s²·I).
+fn exact_u_mean(s: f64, mu: f64) -> impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor {
     move |x_t: &Tensor, t: &Tensor, h: &Tensor, _class: &Tensor| {
         let r = t - h;
         let (st, sr) = (sigma_t(t, s), sigma_t(&r, s));
         let g = ((t + &r) - (-(t + &r) + 2.0) * (s * s)) / (&st + &sr);
-        (x_t - per_sample(&(-t + 1.0), x_t) * MU) * per_sample(&(g / st), x_t) - MU
+        (x_t - per_sample(&(-t + 1.0), x_t) * mu) * per_sample(&(g / st), x_t) - mu
     }
 }
 
@@ -192,4 +197,192 @@ fn ddpm_loss_with_the_exact_noise_prediction_is_the_posterior_variance() {
     let ab = schedule.alphas_cumprod(Device::Cpu);
     let expected = (&ab * (s * s) / (&ab * (s * s) - &ab + 1.0)).mean(Kind::Double).double_value(&[]);
     assert_close(loss, expected, 0.03, "DDPM loss with the exact noise prediction");
+}
+
+/// σ'_t = dσ_t/dt = (t − s²(1 − t))/σ_t, the slope g at h = 0 of [`exact_u`].
+fn g0(t: &Tensor, s: f64) -> Tensor {
+    (t - (-t + 1.0) * (s * s)) / sigma_t(t, s)
+}
+/// The slope g(t, r) of [`exact_u`]: u = −mu + g/σ_t·(x_t − (1 − t)·mu).
+fn g_of(t: &Tensor, r: &Tensor, s: f64) -> Tensor {
+    ((t + r) - (-(t + r) + 2.0) * (s * s)) / (sigma_t(t, s) + sigma_t(r, s))
+}
+
+/// The exact average velocity as a network that takes a guidance input (and ignores it: the
+/// data are unconditional, so v̂(ω | y) = v̂(1 | ∅) and the guided target is v for every ω).
+struct ExactGuided(f64);
+impl VelocityField for ExactGuided {
+    fn forward(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor) -> Tensor {
+        exact_u(self.0)(x_t, t, h, class)
+    }
+    fn null_class(&self) -> i64 {
+        0
+    }
+    fn takes_guidance(&self) -> bool {
+        true
+    }
+    fn forward_guidance(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, g: &flowmap_core::GuidanceInput) -> Option<Tensor> {
+        assert!(g.scale.ge(1.0).all().int64_value(&[]) == 1, "ω >= 1");
+        Some(self.forward(x_t, t, h, class))
+    }
+}
+
+/// A guidance-conditioned field that is already at iMF's fixed point: with a = the exact
+/// velocity of the class's data N(MU, s²) and b = any "unconditional" field (the exact one of
+/// N(−1, s²)), F(ω, [t_min, t_max] | y) = ω'·a + (1 − ω')·b, ω' = ω for t in the interval and 1
+/// outside; F(· | ∅) = b.
+struct CfgFixedPoint(f64);
+impl VelocityField for CfgFixedPoint {
+    fn forward(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor) -> Tensor {
+        self.forward_guidance(x_t, t, h, class, &flowmap_core::GuidanceInput::constant(t, 1.0, 0.0, 1.0)).unwrap()
+    }
+    fn null_class(&self) -> i64 {
+        1
+    }
+    fn takes_guidance(&self) -> bool {
+        true
+    }
+    fn forward_guidance(&self, x_t: &Tensor, t: &Tensor, h: &Tensor, class: &Tensor, g: &flowmap_core::GuidanceInput) -> Option<Tensor> {
+        let (a, b) = (exact_u_mean(self.0, MU)(x_t, t, h, class), exact_u_mean(self.0, -1.0)(x_t, t, h, class));
+        let inside = t.ge_tensor(&g.t_min).logical_and(&t.le_tensor(&g.t_max));
+        let w = g.scale.where_self(&inside, &t.ones_like()).where_self(&class.ne(1), &t.ones_like());
+        let base = a.where_self(&per_sample(&class.ne(1), x_t), &b);
+        Some(per_sample(&w, x_t) * base + per_sample(&(-w + 1.0), x_t) * b)
+    }
+}
+
+#[test]
+fn improved_mean_flow_v_loss_is_the_conditional_variance() {
+    let _g = lock();
+    let s = 1.0;
+    let net = (exact_u(s), 0);
+    tch::manual_seed(21);
+    let batch = data(16_384, s);
+    // With the exact u and the model's exact tangent v̂ = v_marg, the compound V = u + h·du/dt is
+    // v_marg exactly (the identity of methods.md §1.2: zero self-consistency residual), so both
+    // terms are ‖v_marg − v‖², mean D·E_t[s²/σ_t²] over the pairs' t [derived].
+    let expected = over_pairs(|t, _| (s * s) / sigma_t(t, s).square());
+    let unweighted = |cfg: ImprovedMeanFlowConfig| ImprovedMeanFlowConfig { weighting: AdaptiveWeighting::none(), ..cfg }.build().unwrap();
+    let plain = unweighted(ImprovedMeanFlowConfig::default());
+    tch::manual_seed(8);
+    let l = run(&plain, &net, &batch);
+    assert_close(metric(&l, "imf_loss_u_unweighted"), expected, 0.03, "iMF V-term with the exact u");
+    assert_close(metric(&l, "imf_loss_v_unweighted"), expected, 0.03, "iMF v-term with the exact u");
+    assert_close(l.value.double_value(&[]), 2.0 * expected, 0.03, "iMF total (unweighted) with the exact u");
+    // The guided (official) setting on a network that takes the scale and interval: same values.
+    let guided = unweighted(ImprovedMeanFlowConfig::official());
+    tch::manual_seed(8);
+    let lg = run(&guided, &ExactGuided(s), &batch);
+    assert_close(metric(&lg, "imf_loss_u_unweighted"), expected, 0.03, "iMF guided V-term with the exact u");
+    // The guided target itself: at the CFG fixed point v̂(ω) = ω·a + (1 − ω)·b the v-term's residual
+    // is a − v on every row (inside or outside each row's interval), so its mean is the
+    // conditional variance again, for every drawn ω and interval [derived]. (No label dropout:
+    // dropped rows would compare b with v.)
+    let fixed = unweighted(ImprovedMeanFlowConfig { label_dropout: 0.0, ..ImprovedMeanFlowConfig::official() });
+    tch::manual_seed(8);
+    let lf = run(&fixed, &CfgFixedPoint(s), &batch);
+    assert_close(metric(&lf, "imf_loss_v_unweighted"), expected, 0.03, "iMF guided v-term at the CFG fixed point");
+
+    // The three JVP modes give the same loss from the same draws (float64 data: the finite
+    // difference agrees to ~1e-9 relative).
+    let a = metric(&l, "imf_loss_u_unweighted");
+    for mode in [JvpMode::GraphFree, JvpMode::FiniteDifference] {
+        let other = unweighted(ImprovedMeanFlowConfig { jvp_mode: mode, ..Default::default() });
+        tch::manual_seed(8);
+        let b = metric(&run(&other, &net, &batch), "imf_loss_u_unweighted");
+        println!("iMF one_pass {a:.12} vs {} {b:.12}", mode.name());
+        assert!((a - b).abs() <= 1e-6 * a, "{} differs: {a} vs {b}", mode.name());
+    }
+
+    // Point mass: every residual vanishes, with the adaptive weighting on, guided or not.
+    let point = (exact_u(0.0), 0);
+    tch::manual_seed(9);
+    let batch0 = data(2048, 0.0);
+    for (name, cfg) in [("plain", ImprovedMeanFlowConfig::default()), ("guided", ImprovedMeanFlowConfig::official())] {
+        let objective = cfg.build().unwrap();
+        let l = if name == "guided" { run(&objective, &ExactGuided(0.0), &batch0) } else { run(&objective, &point, &batch0) };
+        let (ru, rv) = (metric(&l, "imf_loss_u_unweighted"), metric(&l, "imf_loss_v_unweighted"));
+        println!("iMF {name} on a point mass: V-term {ru:.3e}, v-term {rv:.3e}");
+        assert!(ru < 1e-18 && rv < 1e-18, "{ru} {rv}");
+    }
+}
+
+/// E of α-Flow's per-row, per-element residual with the exact u, over its (t, r) draws
+/// (half the rows r = t from one logit-normal draw, half t = max, r = min of two) [derived]:
+/// r = t rows: s²/σ_t²; other rows with δ = α·h, s' = t − δ:
+///   α > 0: (α·σ_r/σ_s')²·[(g(t, s') − σ'_t)² + s²/σ_t²]  (the target's residual is
+///          α·(σ_r/σ_s')·(u(x_t, t, δ) − v): it inherits the error of stepping with v, not u)
+///   α = 0: (σ_r/σ_t)²·s²/σ_t²                                (MeanFlow's)
+fn alpha_flow_expected(alpha: f64, s: f64) -> f64 {
+    let n = 2_000_000;
+    let ln = |n: i64| (Tensor::randn([n], F64) * 1.0 - 0.4).sigmoid();
+    let t_fm = ln(n);
+    let fm = (s * s / sigma_t(&t_fm, s).square()).mean(Kind::Double).double_value(&[]);
+    let (a, b) = (ln(n), ln(n));
+    let (t, r) = (a.maximum(&b), a.minimum(&b));
+    let var = sigma_t(&t, s).square().reciprocal() * (s * s);
+    let mf = if alpha == 0.0 {
+        (sigma_t(&r, s) / sigma_t(&t, s)).square() * &var
+    } else {
+        let sp = &t - (&t - &r) * alpha;
+        let ratio = sigma_t(&r, s) / sigma_t(&sp, s) * alpha;
+        ratio.square() * ((g_of(&t, &sp, s) - g0(&t, s)).square() + &var)
+    };
+    0.5 * fm + 0.5 * mf.mean(Kind::Double).double_value(&[])
+}
+
+#[test]
+fn alpha_flow_residuals_match_their_closed_forms_along_the_curriculum() {
+    let _g = lock();
+    let s = 1.0;
+    let net = (exact_u(s), 0);
+    let af = AlphaFlowConfig::default().build().unwrap();
+    tch::manual_seed(31);
+    let batch = data(32_768, s);
+    // The sigmoid curriculum: α = 1 at the start, 1/2 at mid-training, 0 at the end.
+    for (step, alpha) in [(0, 1.0), (200_000, 0.5), (400_000, 0.0)] {
+        assert_eq!(af.cfg.alpha.at(step), alpha);
+        tch::manual_seed(100 + step as i64);
+        let expected = alpha_flow_expected(alpha, s);
+        tch::manual_seed(32);
+        let l = af.loss(Nets { online: &net, ema: &net, teacher: None }, &batch, step);
+        assert_close(metric(&l, "af_loss_unweighted"), expected, 0.03, &format!("alpha-Flow at step {step} (α = {alpha}) with the exact u"));
+    }
+    // α = 0 (MeanFlow's target): the three JVP modes agree in float64.
+    tch::manual_seed(33);
+    let a = metric(&af.loss(Nets { online: &net, ema: &net, teacher: None }, &batch, 400_000), "af_loss_unweighted");
+    for mode in [JvpMode::GraphFree, JvpMode::FiniteDifference] {
+        let other = AlphaFlowConfig { jvp_mode: mode, ..Default::default() }.build().unwrap();
+        tch::manual_seed(33);
+        let b = metric(&other.loss(Nets { online: &net, ema: &net, teacher: None }, &batch, 400_000), "af_loss_unweighted");
+        println!("alpha-Flow (α = 0) one_pass {a:.12} vs {} {b:.12}", mode.name());
+        assert!((a - b).abs() <= 1e-6 * a, "{} differs: {a} vs {b}", mode.name());
+    }
+    // Point mass: zero at every α.
+    let point = (exact_u(0.0), 0);
+    tch::manual_seed(34);
+    let batch0 = data(2048, 0.0);
+    for step in [0, 150_000, 200_000, 250_000, 400_000] {
+        let raw = metric(&af.loss(Nets { online: &point, ema: &point, teacher: None }, &batch0, step), "af_loss_unweighted");
+        println!("alpha-Flow at step {step} (α = {:.4}) on a point mass: {raw:.3e}", af.cfg.alpha.at(step));
+        assert!(raw < 1e-18, "{raw}");
+    }
+}
+
+#[test]
+fn split_mean_flow_splitting_residual_vanishes() {
+    let _g = lock();
+    let s = 1.0;
+    let net = (exact_u(s), 0);
+    tch::manual_seed(41);
+    let batch = data(32_768, s);
+    let split = SplitMeanFlowConfig::default().build().unwrap();
+    let l = run(&split, &net, &batch);
+    // The exact flow map satisfies the interval-splitting identity: zero residual on r < t rows.
+    let consistency = metric(&l, "split_consistency_loss");
+    println!("SplitMeanFlow splitting residual with the exact u: {consistency:.3e}");
+    assert!(consistency < 1e-20, "{consistency}");
+    // The r = t rows are flow matching: D·E[s²/σ_t²] over the pairs' t.
+    let expected = over_pairs(|t, _| (s * s) / sigma_t(t, s).square());
+    assert_close(metric(&l, "split_flow_loss"), expected, 0.03, "SplitMeanFlow r = t rows with the exact velocity");
 }

@@ -265,6 +265,16 @@ impl ExperimentConfig {
             self.objective.kind()
         );
         ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", self.objective.kind());
+        ensure!(
+            !objective.needs_guidance_input() || self.model.takes_guidance(),
+            "objective.guidance of objective.kind = {:?} conditions the network on the guidance scale and interval: set model.guidance_conditioning = true (model.kind = \"dit\"), or remove objective.guidance",
+            self.objective.kind()
+        );
+        ensure!(
+            !self.model.takes_guidance() || objective.needs_guidance_input(),
+            "model.guidance_conditioning = true but objective.kind = {:?} does not train the guidance inputs (only improved_mean_flow with an [objective.guidance] table does): sampling would pass sampling.cfg_scale to inputs the network never learned; set model.guidance_conditioning = false",
+            self.objective.kind()
+        );
         self.sampler()?;
         Ok(())
     }

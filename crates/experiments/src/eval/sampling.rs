@@ -59,6 +59,10 @@ pub struct SamplingConfig {
     /// classifier-free guidance w; 1 = none
     #[serde(default = "one")]
     pub cfg_scale: f64,
+    /// [t_min, t_max]: guidance only for t in the interval (a network that takes guidance as an
+    /// input, improved MeanFlow's, receives it with cfg_scale); default none (every t)
+    #[serde(default)]
+    pub cfg_interval: Option<[f64; 2]>,
     /// ema (default) | online
     #[serde(default)]
     pub weights: Weights,
@@ -103,6 +107,9 @@ impl SamplingConfig {
             ensure!(d.scale.is_finite() && d.scale >= 0.0, "sampling.diffusion.scale = {}: must be finite and >= 0", d.scale);
         }
         ensure!(self.cfg_scale.is_finite(), "sampling.cfg_scale = {}: must be a finite number (1 = no guidance)", self.cfg_scale);
+        if let Some([lo, hi]) = self.cfg_interval {
+            ensure!(0.0 <= lo && lo <= hi && hi <= 1.0, "sampling.cfg_interval = [{lo}, {hi}]: need 0 <= t_min <= t_max <= 1");
+        }
         self.grid.validate().with_context(|| format!("sampling.grid = {{ kind = {:?}, … }}", self.grid.name()))?;
         ensure!(self.grid_images >= 1, "sampling.grid_images = {}: must be >= 1", self.grid_images);
         if let Some(grid) = &self.time_grid {
@@ -142,7 +149,7 @@ impl SamplingConfig {
             native.rule.name()
         );
         let step_rule = rule.step_rule_for(native.prediction, self.diffusion).context("sampling.rule = \"sde\" needs sampling.diffusion")?;
-        Ok(Sampler { path: native.path, rule: step_rule, cfg_scale: self.cfg_scale, grid: self.grid, time_grid: self.time_grid.clone() })
+        Ok(Sampler { path: native.path, rule: step_rule, cfg_scale: self.cfg_scale, cfg_interval: self.cfg_interval.map(|[lo, hi]| (lo, hi)), grid: self.grid, time_grid: self.time_grid.clone() })
     }
 }
 
@@ -163,6 +170,8 @@ pub struct Sampler {
     pub rule: StepRule,
     /// classifier-free guidance w; 1 = none
     pub cfg_scale: f64,
+    /// guidance only for t in [lo, hi]; none = every t
+    pub cfg_interval: Option<(f64, f64)>,
     /// the grid for step counts `time_grid` does not cover
     pub grid: GridKind,
     /// walked instead of `grid` when its number of steps is sampled
@@ -194,7 +203,7 @@ impl Sampler {
         let batch = noise.size()[0];
         // The counter sits inside the guidance wrapper, so the one 2B-row guided call counts 2.
         let counter = NfeCounter::new(net);
-        let guided = Guided::new(&counter, self.cfg_scale);
+        let guided = Guided { interval: self.cfg_interval, ..Guided::new(&counter, self.cfg_scale) };
         let x = sample(&guided, path.as_ref(), noise, class, &self.grid(steps), self.rule);
         Generated { x, nfe: counter.nfe(batch.max(1)) }
     }
@@ -209,6 +218,9 @@ impl fmt::Display for Sampler {
     /// `rule heun, path { kind = "linear" }, cfg_scale 1, grid [1.0, 0.5, 0.0] at 2 steps`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "rule {}, path {}, cfg_scale {}", self.rule.name().name(), inline(&self.path), self.cfg_scale)?;
+        if let Some((lo, hi)) = self.cfg_interval {
+            write!(f, ", cfg_interval [{lo}, {hi}]")?;
+        }
         if self.grid != GridKind::Uniform {
             write!(f, ", grid {:?}", self.grid)?;
         }

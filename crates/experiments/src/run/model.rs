@@ -22,6 +22,15 @@ impl ModelConfig {
         }
     }
 
+    /// Whether the network takes a guidance scale and interval as inputs (DiT
+    /// `guidance_conditioning`, improved MeanFlow).
+    pub fn takes_guidance(&self) -> bool {
+        match self {
+            Self::Dit(c) => c.guidance_conditioning,
+            Self::Mlp(_) => false,
+        }
+    }
+
     /// The class index that means "no class" (unconditional rows, guidance's null half): the
     /// extra embedding row after the real classes, as the built network's `null_class()`.
     pub fn null_class(&self) -> i64 {
