@@ -16,11 +16,12 @@ start=$(date +%s)
 "$bin" demo-2d --out runs/demo/2d
 t2d=$(( $(date +%s) - start ))
 if "$bin" doctor 2>/dev/null | grep -q '^CUDA  *available'; then
-  config=experiments/demo_mnist_gpu.toml
+  config=experiments/demo_mnist_gpu.toml jobs=1
 else
-  config=experiments/demo_mnist.toml
+  # Three small runs side by side, one thread each, beat three in a row with two threads each.
+  config=experiments/demo_mnist.toml jobs=3
 fi
-"$bin" table "$config"
+"$bin" table "$config" --jobs "$jobs"
 total=$(( $(date +%s) - start ))
 printf '\ndemo wall time: %d s (2-D part %d s, image part %d s with %s)\n' "$total" "$t2d" "$(( total - t2d ))" "$config"
 if [ "${FLOWMAP_DEMO_DOCS:-0}" = 1 ]; then

@@ -90,3 +90,34 @@ fn fid_while_training_writes_one_row_per_evaluation_and_a_fid_vs_train_step_plot
     let plots = flowmap(&["plot", "--run", run.to_str().unwrap(), "--out", dir.path().join("plots").to_str().unwrap()]);
     assert!(plots.contains("run_fid_vs_train_step.png") && plots.contains("run_fid_vs_train_step.svg"), "{plots}");
 }
+
+/// `flowmap table --jobs 2`: the rows train side by side in child processes (one log each) into
+/// the run directories the table then evaluates; a row that fails in its child is named with the
+/// child's own error, and the next call (the broken row removed) reuses the finished run.
+#[test]
+fn table_jobs_trains_rows_in_child_processes_and_names_a_failed_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/tiny_cpu.toml").canonicalize().unwrap();
+    let out = dir.path().join("table");
+    let spec = |rows: &str| {
+        let path = dir.path().join("spec.toml");
+        let head = format!("[table]\nname = \"tiny\"\nout_dir = \"{}\"\nsteps = [1]\nset = [\"run.steps=5\", \"run.checkpoint_every=0\"]\n[eval]\nnum_samples = 4\nbatch = 4\n[eval.reference]\nsplit = \"test\"\nnum_images = 6\n", out.display());
+        std::fs::write(&path, head + rows).unwrap();
+        path
+    };
+    let good = format!("[[rows]]\nlabel = \"Flow matching\"\nconfig = \"{t}\"\n[[rows]]\nlabel = \"MeanFlow\"\nconfig = \"{t}\"\nset = [\"objective.kind=mean_flow\", \"sampling.rule=jump\"]\n", t = tiny.display());
+    let broken = format!("[[rows]]\nlabel = \"Broken\"\nconfig = \"{}\"\nset = [\"data.reflow_pairs=\\\"{}/no-such-pairs.safetensors\\\"\"]\n", tiny.display(), dir.path().display());
+
+    let failed = cli_support::flowmap(&["table", spec(&(good.clone() + &broken)).to_str().unwrap(), "--jobs", "2"]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(stderr.contains("row \"Broken\"") && stderr.contains("no-such-pairs.safetensors") && stderr.contains("logs/broken.log"), "{stderr}");
+
+    let stdout = flowmap(&["table", spec(&good).to_str().unwrap(), "--jobs", "2"]);
+    assert!(stdout.contains("trained 2 at a time") && stdout.contains("| Flow matching |") && stdout.contains("| MeanFlow |"), "{stdout}");
+    for row in ["flow-matching", "meanflow"] {
+        let log = std::fs::read_to_string(out.join(format!("logs/{row}.log"))).unwrap();
+        assert!(log.contains("at step 5 (Finished)"), "{row}: {log}");
+        assert!(out.join(row).join("checkpoints/LATEST").exists(), "{row}: no checkpoint");
+    }
+}

@@ -122,8 +122,8 @@ fn main() -> Result<()> {
                 println!("{}", f.display());
             }
         }
-        Command::Table { spec } => {
-            let report = table::run_table(&spec, stop_flag()?)?;
+        Command::Table { spec, jobs } => {
+            let report = table::run_table(&spec, stop_flag()?, jobs as usize)?;
             println!("{}", report.markdown);
             println!("table: {}\nplot: {}", report.markdown_path.display(), report.plot_png.display());
         }

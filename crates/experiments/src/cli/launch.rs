@@ -110,7 +110,8 @@ fn signal_all(ranks: &[(Child, Option<ExitStatus>)], signal: i32) {
     }
 }
 
-fn describe(s: &ExitStatus) -> String {
+/// "exited with status N" or "was killed by signal N".
+pub fn describe(s: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (s.code(), s.signal()) {
         (Some(c), _) => format!("exited with status {c}"),

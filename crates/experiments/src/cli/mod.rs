@@ -284,7 +284,13 @@ pub enum Command {
         files: Vec<PathBuf>,
     },
     /// Train (or reuse) one run per objective of a table spec, evaluate, write table + plot.
-    Table { spec: PathBuf },
+    Table {
+        spec: PathBuf,
+        /// Train this many rows at a time, each in a child process with cores/JOBS threads
+        /// (faster for small models on a CPU); evaluation stays one row at a time
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+        jobs: u64,
+    },
     /// Print torch/CUDA facts, cache locations and which data sets and weights are verified.
     Doctor,
     /// One section of the GPU acceptance run (`scripts/gpu_check.sh` runs them all beside the

@@ -4,6 +4,7 @@
 use crate::eval::evaluator::{self, EvalConfig};
 use crate::eval::fid::{read_fid_csv, FidRow};
 use crate::eval::sampling::Weights;
+use crate::report::table_jobs::{self, RowJob};
 use crate::run::run_dir::RunDir;
 use crate::train::{self, Outcome, Resume, TrainOptions};
 use anyhow::{ensure, Context, Result};
@@ -79,32 +80,48 @@ pub fn read_spec(path: &Path) -> Result<TableSpec> {
     Ok(spec)
 }
 
-fn row_config(spec_path: &Path, spec: &TableSpec, row: &TableRow) -> Result<(crate::config::ExperimentConfig, toml::Table, PathBuf)> {
+/// A row's experiment file (resolved against the spec's folder), its overrides (the spec's, then
+/// the row's) and its run directory.
+fn row_job(spec_path: &Path, spec: &TableSpec, row: &TableRow) -> RowJob {
     let base = spec_path.parent().unwrap_or(Path::new("."));
-    let path = if row.config.is_absolute() { row.config.clone() } else { base.join(&row.config) };
+    let config = if row.config.is_absolute() { row.config.clone() } else { base.join(&row.config) };
     let mut sets = spec.table.set.clone();
     sets.extend(row.set.iter().cloned());
-    let (cfg, table) = crate::config::load_config(&path, &sets).with_context(|| format!("row {:?}", row.label))?;
-    Ok((cfg, table, spec.table.out_dir.join(slug(&row.label))))
+    let name = slug(&row.label);
+    RowJob { label: row.label.clone(), config, sets, run_dir: spec.table.out_dir.join(&name), log: spec.table.out_dir.join("logs").join(format!("{name}.log")) }
+}
+
+fn row_config(spec_path: &Path, spec: &TableSpec, row: &TableRow) -> Result<(crate::config::ExperimentConfig, toml::Table, PathBuf)> {
+    let job = row_job(spec_path, spec, row);
+    let (cfg, table) = crate::config::load_config(&job.config, &job.sets).with_context(|| format!("row {:?}", row.label))?;
+    Ok((cfg, table, job.run_dir))
 }
 
 /// Trains every row (continuing unfinished runs), evaluates missing (step count) cells, and
 /// writes `table.md`, `table.csv`, `fid_vs_steps.{png,svg}` and `loss.{png,svg}` in out_dir.
-/// `stop` (set by SIGTERM/SIGINT) checkpoints the run in progress at its next step boundary and
-/// returns an error saying so; the next call continues it.
-pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport> {
+/// `jobs` > 1 trains that many rows at a time in child processes first ([`table_jobs`]).
+/// `stop` (set by SIGTERM/SIGINT) checkpoints the run(s) in progress at the next step boundary and
+/// returns an error saying so; the next call continues them.
+pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>, jobs: usize) -> Result<TableReport> {
     let spec = read_spec(spec_path)?;
     let configs: Vec<_> = spec.rows.iter().map(|r| row_config(spec_path, &spec, r)).collect::<Result<_>>()?;
     std::fs::create_dir_all(&spec.table.out_dir).with_context(|| format!("creating {}", spec.table.out_dir.display()))?;
+    let trained_apart = if jobs > 1 {
+        let rows: Vec<RowJob> = spec.rows.iter().map(|r| row_job(spec_path, &spec, r)).collect();
+        Some(table_jobs::train_rows(&rows, jobs, &stop)?)
+    } else {
+        None
+    };
     let mut results = Vec::new();
     let mut timings = Vec::new();
-    for (row, (cfg, table, dir)) in spec.rows.iter().zip(&configs) {
+    for (i, (row, (cfg, table, dir))) in spec.rows.iter().zip(&configs).enumerate() {
         tracing::info!("== {}: training {} ({} steps)", row.label, dir.display(), cfg.run.steps);
         let t0 = Instant::now();
         let opts = TrainOptions { run_dir: Some(dir.clone()), resume: Resume::Auto, stop: Arc::clone(&stop), ..Default::default() };
         let summary = train::train(cfg, table, &opts)?;
         ensure!(summary.outcome == Outcome::Finished, "{}: stopped at step {} (checkpoint written); run the same `flowmap table` command again to continue", row.label, summary.step);
-        let train_s = t0.elapsed().as_secs_f64();
+        // Rows trained in child processes report the child's wall time (concurrent with others).
+        let train_s = t0.elapsed().as_secs_f64() + trained_apart.as_ref().map_or(0.0, |s| s[i]);
         let t1 = Instant::now();
         let have: Vec<FidRow> = if RunDir::new(dir).fid_csv().exists() { read_fid_csv(&RunDir::new(dir).fid_csv())? } else { vec![] };
         let matches = |r: &FidRow, s: usize| {
@@ -135,7 +152,7 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
     if !crate::run::world::World::global(tch::Device::Cpu)?.is_main() {
         return Ok(TableReport { markdown: String::new(), markdown_path, csv_path: out.join("table.csv"), plot_png: out.join("fid_vs_steps.png"), rows: results });
     }
-    let markdown = render_markdown(&spec, &results, &timings);
+    let markdown = render_markdown(&spec, &results, &timings, jobs);
     crate::run::atomic_file::write_atomic(&markdown_path, markdown.as_bytes())?;
     let csv_path = out.join("table.csv");
     crate::run::atomic_file::write_atomic(&csv_path, render_csv(&results).as_bytes())?;
@@ -145,7 +162,7 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
     Ok(TableReport { markdown, markdown_path, csv_path, plot_png: plot.png, rows: results })
 }
 
-fn render_markdown(spec: &TableSpec, results: &[(String, Vec<FidRow>)], timings: &[(f64, f64)]) -> String {
+fn render_markdown(spec: &TableSpec, results: &[(String, Vec<FidRow>)], timings: &[(f64, f64)], jobs: usize) -> String {
     let mut s = String::new();
     let first = results.iter().flat_map(|(_, r)| r.first()).next();
     let (n, reference, pre) = first.map(|r| (r.num_samples, r.ref_stats.clone(), r.preprocess.clone())).unwrap_or_default();
@@ -156,6 +173,9 @@ fn render_markdown(spec: &TableSpec, results: &[(String, Vec<FidRow>)], timings:
         spec.table.weights.name(),
         if spec.eval.seeds > 1 { format!(", mean ± std over {} evaluation seeds (each its own noise)", spec.eval.seeds) } else { String::new() }
     );
+    if jobs > 1 {
+        let _ = writeln!(s, "Rows were trained {jobs} at a time (`--jobs {jobs}`): `train s` is each row's wall time while sharing the machine.\n");
+    }
     let _ = write!(s, "| objective |");
     for st in &spec.table.steps {
         let _ = write!(s, " {st} step{} |", if *st == 1 { "" } else { "s" });
