@@ -5,7 +5,7 @@ use crate::*;
 
 impl ObjectiveConfig {
     /// Every `kind` an `[objective]` table can name (one per variant of [`ObjectiveConfig`]).
-    pub const KINDS: [&'static str; 9] = ["flow_matching", "ddpm", "consistency_training", "consistency_distillation", "progressive_distillation", "reflow", "live_reflow", "shortcut", "mean_flow"];
+    pub const KINDS: [&'static str; 11] = ["flow_matching", "ddpm", "consistency_training", "consistency_distillation", "progressive_distillation", "reflow", "live_reflow", "shortcut", "mean_flow", "scm_training", "scm_distillation"];
 
     /// The `kind` of this config, as TOML writes it. A new variant must be named here and in
     /// [`Self::KINDS`] (the match is exhaustive; `tests/config.rs` checks the list covers KINDS).
@@ -20,6 +20,8 @@ impl ObjectiveConfig {
             Self::LiveReflow(_) => "live_reflow",
             Self::Shortcut(_) => "shortcut",
             Self::MeanFlow(_) => "mean_flow",
+            Self::ScmTraining(_) => "scm_training",
+            Self::ScmDistillation(_) => "scm_distillation",
         }
     }
 }
@@ -54,9 +56,18 @@ pub fn every_objective() -> Vec<Variant> {
         v("shortcut_official_code", O::Shortcut(ShortcutConfig::official_code()), 0),
         v("mean_flow", O::MeanFlow(MeanFlowConfig::default()), 0),
         v("mean_flow_guided", O::MeanFlow(MeanFlowConfig { guidance: Some(MeanFlowGuidance::default()), ..Default::default() }), 0),
-        v("mean_flow_graph_free", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::GraphFree, ..Default::default() }), 0),
+        v("mean_flow_graph_free", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::GraphFree, ..Default::default() }), 20_000),
         v("mean_flow_finite_difference", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::FiniteDifference, ..Default::default() }), 0),
         v("mean_flow_model_tangent_sg", O::MeanFlow(MeanFlowConfig::model_tangent_stop_gradient()), 0),
         v("mean_flow_model_tangent_full", O::MeanFlow(MeanFlowConfig::model_tangent_full()), 0),
+        v("scm_training", O::ScmTraining(ScmConfig::default()), 20_000),
+        v("scm_training_graph_free", O::ScmTraining(ScmConfig { jvp_mode: JvpMode::GraphFree, ..Default::default() }), 20_000),
+        v("scm_training_finite_difference", O::ScmTraining(ScmConfig { jvp_mode: JvpMode::FiniteDifference, ..Default::default() }), 20_000),
+        v("scm_distillation", O::ScmDistillation(ScmConfig::default()), 20_000),
+        v(
+            "scm_distillation_guided_eps_teacher",
+            O::ScmDistillation(ScmConfig { teacher_prediction: Some(TeacherPrediction::Eps), teacher_path: Some(InterpolantConfig::VpCosine(Default::default())), teacher_cfg_scale: Some(1.5), ..Default::default() }),
+            20_000,
+        ),
     ]
 }

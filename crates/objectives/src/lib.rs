@@ -16,6 +16,7 @@ pub mod live_reflow;
 pub mod mean_flow;
 pub mod progressive;
 pub mod reflow;
+pub mod scm;
 pub mod shortcut;
 pub mod weighting;
 
@@ -29,6 +30,7 @@ pub use live_reflow::{LiveReflow, LiveReflowConfig, ReflowTarget};
 pub use mean_flow::{MeanFlow, MeanFlowConfig, MeanFlowGuidance, MeanFlowTangent};
 pub use progressive::{ProgressiveConfig, ProgressiveDistillation};
 pub use reflow::{Reflow, ReflowConfig};
+pub use scm::{Scm, ScmConfig, ScmTeacher, TangentNorm, TeacherPrediction};
 pub use shortcut::{Shortcut, ShortcutConfig, ShortcutPreset};
 pub use weighting::AdaptiveWeighting;
 
@@ -171,6 +173,8 @@ pub enum ObjectiveConfig {
     LiveReflow(LiveReflowConfig),
     Shortcut(ShortcutConfig),
     MeanFlow(MeanFlowConfig),
+    ScmTraining(ScmConfig),
+    ScmDistillation(ScmConfig),
 }
 
 impl ObjectiveConfig {
@@ -186,6 +190,8 @@ impl ObjectiveConfig {
             Self::LiveReflow(c) => Box::new(c.build()?),
             Self::Shortcut(c) => Box::new(c.build()?),
             Self::MeanFlow(c) => Box::new(c.build()?),
+            Self::ScmTraining(c) => Box::new(c.build(false)?),
+            Self::ScmDistillation(c) => Box::new(c.build(true)?),
         })
     }
 
@@ -201,6 +207,17 @@ impl ObjectiveConfig {
             Self::LiveReflow(c) => c.default_sampler(),
             Self::Shortcut(c) => c.default_sampler(),
             Self::MeanFlow(c) => c.default_sampler(),
+            Self::ScmTraining(c) | Self::ScmDistillation(c) => c.default_sampler(),
+        }
+    }
+
+    /// An explicit time grid the objective's paper samples with at its number of steps (sCM's
+    /// 2-step grid through τ_mid = 1.1), used where `[sampling].time_grid` is not set; `None`
+    /// for uniform grids.
+    pub fn default_time_grid(&self) -> Option<Vec<f64>> {
+        match self {
+            Self::ScmTraining(c) | Self::ScmDistillation(c) => Some(c.default_time_grid()),
+            _ => None,
         }
     }
 
