@@ -24,6 +24,11 @@ OBJECTIVES = {
     "mean_flow": ('kind = "mean_flow"\n', "jump", ""),
     "mean_flow_model_tangent": ('kind = "mean_flow"\ntangent = "model"\nstop_gradient = false\n', "jump", ""),
     "mean_flow_model_tangent_sg": ('kind = "mean_flow"\ntangent = "model"\nstop_gradient = true\n', "jump", ""),
+    # sCM: the paper's σ_d = 0.5 and proposal; the tangent warm-up over the first fifth of the run
+    # (the paper's 10k iterations are longer than this whole run). Sampled by trig_flow, 2 steps
+    # through τ_mid = 1.1.
+    "scm_training": ('kind = "scm_training"\ntangent_warmup_steps = 1000\n', "trig_flow", ""),
+    "scm_distillation": ('kind = "scm_distillation"\ntangent_warmup_steps = 1000\nteacher_path = { kind = "linear" }\nteacher_prediction = "velocity"\n', "trig_flow", "teacher"),
 }
 
 for dataset in ["mnist", "fashion_mnist"]:

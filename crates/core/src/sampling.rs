@@ -52,7 +52,9 @@ pub enum StepRule {
     /// x_t/σ_d: sigma(1) = σ_d on the `trig_flow` path), the jump to data is
     /// x̂ = alpha(t)·x_t − sigma(t)·F(x_t/sigma(1), t, t) (= cos τ·x_τ − sin τ·σ_d·F with
     /// τ = π t/2), and the next point is x_r = alpha(r)·x̂ + sigma(r)·z with fresh z; the last step
-    /// returns x̂. One NFE per step.
+    /// returns x̂. `noise` is read as ε ~ N(0, I): the walk starts from sigma(t_0)·ε (σ_d·ε at
+    /// t_0 = 1, TrigFlow's prior; the other rules start from `noise` itself, which is the same
+    /// wherever sigma(1) = 1). One NFE per step.
     TrigFlow,
     /// DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): multistep in the log-SNR
     /// λ = log(alpha/sigma) on the data prediction x̂ (from F read as `reads` says). One NFE per
@@ -354,7 +356,11 @@ pub fn sample(net: &dyn VelocityField, path: &dyn Interpolant, noise: Tensor, cl
         _ => 1.0,
     };
     tch::no_grad(move || {
-        let mut x = noise;
+        // trig_flow reads `noise` as ε and starts from sigma(t_0)·ε (TrigFlow's prior σ_d·ε).
+        let mut x = match rule {
+            StepRule::TrigFlow => noise * c.sigma[0],
+            _ => noise,
+        };
         for i in 0..grid.len() - 1 {
             let (t, r) = (grid[i], grid[i + 1]);
             let h = t - r;

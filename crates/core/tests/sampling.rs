@@ -1,5 +1,5 @@
 //! Samplers against the closed forms of Gaussian data (linear and DDPM paths), float64.
-use flowmap_core::{sample, uniform_grid, DdpmSchedule, Diffusion, DiffusionScale, ExactAverageVelocity, ExactEps, ExactTrigFlowJump, ExactVelocity, GaussianData, Interpolant, Linear, StepRule, TrigFlow, VelocityField};
+use flowmap_core::{sample, uniform_grid, DdpmSchedule, Diffusion, DiffusionScale, ExactAverageVelocity, ExactEps, ExactTrigFlowJump, ExactVelocity, GaussianData, Linear, StepRule, TrigFlow, VelocityField};
 use std::cell::RefCell;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -255,20 +255,20 @@ fn trig_flow_consistency_sampling_with_the_exact_jump_keeps_the_data_law() {
     let path = TrigFlow { sigma_d: 0.5 };
     let net = ExactTrigFlowJump { data: &data, path: &path };
     let b = 20_000;
-    // The path starts from sigma(1)·eps = σ_d·eps; one step, two steps at sCM's τ_mid = 1.1
+    // The rule starts from sigma(1)·eps = σ_d·eps; one step, two steps at sCM's τ_mid = 1.1
     // (t = 2.2/π), and four uniform steps all land on N(mu, s² I).
     let mid = 2.2 / std::f64::consts::PI;
     for grid in [vec![1.0, 0.0], vec![1.0, mid, 0.0], uniform_grid(4)] {
-        let x = sample(&net, &path, noise(b) * 0.5, &no_class(b), &grid, StepRule::TrigFlow);
+        let x = sample(&net, &path, noise(b), &no_class(b), &grid, StepRule::TrigFlow);
         assert_moments(&x, &MU, S * S, &format!("trig_flow on {grid:?}"));
     }
     // One step is the exact flow map of the start point (deterministic).
-    let eps = noise(64) * 0.5;
+    let eps = noise(64);
     let ones = Tensor::ones([64], (Kind::Double, Device::Cpu));
     let one = sample(&net, &path, eps.copy(), &no_class(64), &[1.0, 0.0], StepRule::TrigFlow);
-    let exact = data.flow_map(&path, &eps, &ones, &ones);
+    let exact = data.flow_map(&path, &(&eps * 0.5), &ones, &ones);
     assert!(rms(&(one - exact)) < 1e-12);
-    // The network sees x_t/σ_d: a recorder of inputs gets the start point divided by 0.5.
+    // The network sees x_t/σ_d = (σ_d·ε)/σ_d: a recorder of inputs gets ε back.
     let seen = RefCell::new(Tensor::zeros([1], (Kind::Double, Device::Cpu)));
     let spy = (
         |x: &Tensor, _t: &Tensor, _h: &Tensor, _c: &Tensor| {
@@ -277,9 +277,9 @@ fn trig_flow_consistency_sampling_with_the_exact_jump_keeps_the_data_law() {
         },
         0,
     );
-    let start = noise(8) * 0.5;
+    let start = noise(8);
     let out = sample(&spy, &path, start.copy(), &no_class(8), &[1.0, 0.0], StepRule::TrigFlow);
-    assert!(rms(&(&*seen.borrow() - &start / path.sigma(&ones.narrow(0, 0, 1)).double_value(&[0]))) < 1e-15);
+    assert!(rms(&(&*seen.borrow() - &start)) < 1e-15);
     assert!(rms(&out) < 1e-15, "alpha(1) = 0: a zero output jumps to 0");
 }
 
