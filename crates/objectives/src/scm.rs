@@ -2,13 +2,16 @@
 //! Scaling Continuous-Time Consistency Models", arXiv 2410.11081), consistency training (sCT,
 //! `kind = "scm_training"`) and distillation from a frozen teacher (sCD, `"scm_distillation"`).
 //!
-//! **Sources.** The paper's TrigFlow parameterisation (§3: x_τ = cos τ·x + sin τ·z, z ~ N(0, σ_d²I),
+//! **Sources.** The paper's TrigFlow parameterisation (x_τ = cos τ·x + sin τ·z, z ~ N(0, σ_d²I),
 //! f_θ(x_τ, τ) = cos τ·x_τ − sin τ·σ_d·F_θ(x_τ/σ_d, c_noise(τ)), c_noise(τ) = τ), its continuous
 //! consistency gradient with the "JVP rearrangement", tangent normalisation, tangent warm-up and
-//! adaptive weighting (§4, eq. (8) and Algorithm 1 of the appendix), and its 2-step sampler with
-//! τ_mid = 1.1. No official OpenAI code exists; the code read is NVIDIA FastGen
-//! (NVlabs/FastGen @f7d8456 `fastgen/methods/consistency_model/sCM.py`, defaults in
-//! `fastgen/configs/methods/config_scm.py` @63ec082). None of its code is copied.
+//! adaptive weighting (its training algorithm), and its 2-step sampler with τ_mid = 1.1. No
+//! official OpenAI code exists; the code read is NVIDIA FastGen (NVlabs/FastGen @f7d8456
+//! `fastgen/methods/consistency_model/sCM.py`: `_compute_scm_loss`, `_jvp`, `_scm_pred_to_loss`,
+//! `TrigFlowPrecond`; defaults in `fastgen/configs/methods/config_scm.py` @63ec082), and the
+//! paper's algorithm as methods.md §13 and FastGen transcribe it: the PDF itself was not readable
+//! from this session, so no equation numbers are cited and the points marked [unverified] rest on
+//! the code. None of FastGen's code is copied.
 //!
 //! **Loss** (τ is TrigFlow time in radians; flowmap's t = 2τ/π, so the `trig_flow` path has
 //! alpha = cos τ, sigma = σ_d·sin τ and data at t = 0):
@@ -52,14 +55,15 @@
 //!   `g_norm_spatial_invariance` divides by RMS(g) + c (`"rms"`). `"none"` disables it (tests).
 //! * FastGen divides the squared error by D twice (`mean` and `divide_x_0_spatial_dim`); flowmap
 //!   divides once (the paper's 1/D·‖·‖²). With the learned weighting the constant is absorbed by u.
-//! * prior weighting 1/(σ_d·tan τ): FastGen `prior_weighting_enabled = True`; not in the paper's
-//!   Algorithm 1 as we read it [unverified]; `prior_weighting`, default true (at the optimum of u it
+//! * prior weighting 1/(σ_d·tan τ): FastGen `prior_weighting_enabled = True`; whether the paper's
+//!   algorithm has it is [unverified]; `prior_weighting`, default true (at the optimum of u it
 //!   cancels, so it changes only the transient).
 //! * FastGen's finite-difference JVP perturbs (x, τ) along the conditional path with a relative
 //!   step 1e-3·τ; flowmap's `jvp_mode = "finite_difference"` uses the shared central difference
 //!   along the same tangent (step `jvp_fd_step`).
-//! * Defaults: σ_d = 0.5, p_mean = −1.0, p_std = 1.4 (paper CIFAR-10 / FastGen), c = 0.1, H = 10000
-//!   (FastGen `tangent_warmup_steps`; the paper warms up over its first 10k iterations), label
+//! * Defaults: σ_d = 0.5, p_mean = −1.0, p_std = 1.4 (FastGen's CIFAR-10 config, citing the
+//!   paper's appendix), c = 0.1, H = 10000 (FastGen `tangent_warmup_steps`), τ_mid = 1.1 (the paper's
+//!   2-step sampler as methods.md and the issue state it [unverified in the PDF]), label
 //!   dropout 0 (sCM samples without guidance; set it > 0 to train an unconditional branch).
 //! * The paper initialises sCD's student from the teacher: set `[teacher] init_student = true`
 //!   (the student's outputs then start in the teacher's parameterisation, not TrigFlow's, which is
