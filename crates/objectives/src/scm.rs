@@ -323,8 +323,9 @@ impl Scm {
 }
 
 impl Objective for Scm {
+    /// The raw tangent's mean square: the normalised loss is ≈ 1/D whatever the model.
     fn reported_metric(&self) -> Option<&'static str> {
-        Some("scm_loss_unweighted")
+        Some("scm_tangent_sq")
     }
 
     fn needs_teacher(&self) -> bool {
@@ -370,6 +371,9 @@ impl Objective for Scm {
 
         let r = self.warmup(step);
         let g = -(&cos * &cos) * (&f_minus * sd - &dxdt) - (&cos * &sin * &x_t + jvp * sd) * r;
+        // Logged: the raw tangent's mean square (sCT: falls to its irreducible value, closed form in
+        // tests/closed_form.rs; sCD: to 0). The optimised value is ≈ 1/D under normalisation.
+        let tangent_sq = mean_per_sample(&g.square()).mean(None).detach();
         let g = match self.cfg.tangent_norm {
             TangentNorm::None => g,
             norm => {
@@ -386,7 +390,7 @@ impl Objective for Scm {
         let prior = if self.cfg.prior_weighting { (tau.tan() * sd).reciprocal() } else { tau.ones_like() };
         let weighted = prior * (-&logvar).exp() * &per_row + &logvar;
         let value = weighted.mean(None);
-        let metrics = vec![("scm_loss_unweighted", per_row.mean(None).detach()), ("scm_loss", value.detach()), ("scm_logvar", logvar.mean(None).detach()), ("tangent_warmup", Tensor::from(r))];
+        let metrics = vec![("scm_tangent_sq", tangent_sq), ("scm_loss_unweighted", per_row.mean(None).detach()), ("scm_loss", value.detach()), ("scm_logvar", logvar.mean(None).detach()), ("tangent_warmup", Tensor::from(r))];
         Loss { value, metrics }
     }
 }

@@ -237,6 +237,12 @@ fn scm_training_loss_with_the_exact_consistency_function_is_its_irreducible_valu
         let one_pass = run(&sct, &net, &batch).value.double_value(&[]);
         let expected = over_scm_times(cfg.p_mean, cfg.p_std, sigma_d, |tau| scm_irreducible(tau, s, sigma_d));
         assert_close(one_pass, expected, 0.03, &format!("sCT loss with the exact consistency function (s = {s}, σ_d = {sigma_d})"));
+        // With the default tangent normalisation the logged raw tangent (`scm_tangent_sq`, the
+        // progress line's loss) is the same quantity from the same draws.
+        let normalised = ScmConfig { tangent_norm: TangentNorm::L2, ..cfg.clone() }.build(false).unwrap();
+        tch::manual_seed(22);
+        let logged = metric(&run(&normalised, &net, &batch), "scm_tangent_sq");
+        assert!((logged - one_pass).abs() <= 1e-12 * one_pass, "{logged} vs {one_pass}");
         // The three JVP modes give the same loss from the same draws (float64).
         for (mode, tol) in [(JvpMode::GraphFree, 1e-12), (JvpMode::FiniteDifference, 1e-6)] {
             let other = ScmConfig { jvp_mode: mode, ..cfg.clone() }.build(false).unwrap();
