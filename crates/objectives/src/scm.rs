@@ -29,7 +29,9 @@
 //! with θ⁻ = sg θ (not an EMA, as the paper), u_φ = −w_φ the learned log-variance (the paper's
 //! e^{w}/D·‖·‖² − w written as EDM2's logvar), prior(τ) = 1/(σ_d·tan τ) (FastGen), and
 //! mean_D(F − sg F − g)² = ‖g‖²/D in value: the loss is gradient-equivalent, its value is the
-//! normalised tangent's mean square. In flowmap the network is F(x_τ/σ_d, t, h = t, c): time enters
+//! normalised tangent's mean square (≈ 1/D), so the progress line shows the raw tangent's mean
+//! square `scm_tangent_sq` instead (tests/closed_form.rs derives its irreducible value for Gaussian
+//! data: cos²τ·s⁴σ_d²/V² per element, V = cos²τ·s² + σ_d²·sin²τ; 0 for sCD). In flowmap the network is F(x_τ/σ_d, t, h = t, c): time enters
 //! through flowmap's t = 2τ/π (a fixed rescaling of the paper's identity c_noise(τ) = τ, as the DiT
 //! embeds t) and h = t marks the jump to data as for the other consistency models, so the JVP
 //! tangent of both t and h is cos τ·sin τ·2/π.
