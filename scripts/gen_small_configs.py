@@ -29,6 +29,11 @@ OBJECTIVES = {
     "alpha_flow": ('kind = "alpha_flow"\n[objective.alpha]            # the sigmoid curriculum 1 -> 0 over the whole run\n'
                    f'start_step = 0\nend_step = {STEPS}\n', "jump", ""),
     "split_mean_flow": ('kind = "split_mean_flow"\n', "jump", ""),
+    # sCM: the paper's σ_d = 0.5 and proposal; the tangent warm-up over the first fifth of the run
+    # (the paper's 10k iterations are longer than this whole run). Sampled by trig_flow, 2 steps
+    # through τ_mid = 1.1.
+    "scm_training": ('kind = "scm_training"\ntangent_warmup_steps = 1000\n', "trig_flow", ""),
+    "scm_distillation": ('kind = "scm_distillation"\ntangent_warmup_steps = 1000\nteacher_path = { kind = "linear" }\nteacher_prediction = "velocity"\n', "trig_flow", "teacher"),
 }
 
 # improved MeanFlow on class-conditional data: the official guidance (scale ω ~ power law on

@@ -122,3 +122,25 @@ impl VelocityField for ExactEps<'_> {
         0
     }
 }
+
+/// The exact TrigFlow consistency output (sCM) as a network: it reads its input as
+/// x_t/sigma(1) (TrigFlow's x_t/σ_d) and returns F = (alpha·x_t − Φ(x_t, t, t))/sigma, so that
+/// alpha(t)·x_t − sigma(t)·F is the exact jump to data (the `trig_flow` rule's reading). Finite for
+/// t > 0 (F → a finite limit as t → 0, where the formula is 0/0); ignores h and the class.
+#[derive(Debug)]
+pub struct ExactTrigFlowJump<'a> {
+    pub data: &'a GaussianData,
+    pub path: &'a dyn Interpolant,
+}
+
+impl VelocityField for ExactTrigFlowJump<'_> {
+    fn forward(&self, x_in: &Tensor, t: &Tensor, _h: &Tensor, _class: &Tensor) -> Tensor {
+        let scale = self.path.sigma(&t.ones_like().narrow(0, 0, 1)); // sigma(1), (1,): keeps AD tangents out
+        let x_t = x_in * per_sample(&scale, x_in).detach();
+        let x_hat = self.data.flow_map(self.path, &x_t, t, t);
+        (per_sample(&self.path.alpha(t), &x_t) * &x_t - x_hat) / per_sample(&self.path.sigma(t), &x_t)
+    }
+    fn null_class(&self) -> i64 {
+        0
+    }
+}

@@ -24,7 +24,7 @@ pub mod time;
 
 pub use config::NoParams;
 pub use ema::Ema;
-pub use gaussian::{ExactAverageVelocity, ExactEps, ExactVelocity, GaussianData};
+pub use gaussian::{ExactAverageVelocity, ExactEps, ExactTrigFlowJump, ExactVelocity, GaussianData};
 pub use grids::{edm_grid, logsnr_grid, GridKind};
 pub use guidance::Guided;
 pub use interpolant::{DdpmConfig, DdpmSchedule, Interpolant, InterpolantConfig, Linear, SigmaMinConfig, TrigFlow, TrigFlowConfig, VpCosine, VpCosineConfig, VpLinearBeta};

@@ -47,6 +47,15 @@ pub enum StepRule {
     /// Consistency multistep sampling (methods.md §9.4): x̂ = x_t − t·F(x_t, t, t) (the jump to
     /// data), then x_r = alpha(r)·x̂ + sigma(r)·z with fresh z; the last step returns x̂.
     Renoise,
+    /// Consistency multistep sampling in TrigFlow's parameterisation (sCM, Lu and Song, arXiv
+    /// 2410.11081, §3 and its two-step sampler): the network sees x_t/sigma(1) (TrigFlow's
+    /// x_t/σ_d: sigma(1) = σ_d on the `trig_flow` path), the jump to data is
+    /// x̂ = alpha(t)·x_t − sigma(t)·F(x_t/sigma(1), t, t) (= cos τ·x_τ − sin τ·σ_d·F with
+    /// τ = π t/2), and the next point is x_r = alpha(r)·x̂ + sigma(r)·z with fresh z; the last step
+    /// returns x̂. `noise` is read as ε ~ N(0, I): the walk starts from sigma(t_0)·ε (σ_d·ε at
+    /// t_0 = 1, TrigFlow's prior; the other rules start from `noise` itself, which is the same
+    /// wherever sigma(1) = 1). One NFE per step.
+    TrigFlow,
     /// DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): multistep in the log-SNR
     /// λ = log(alpha/sigma) on the data prediction x̂ (from F read as `reads` says). One NFE per
     /// step. See [`dpm_solver_pp`] for the endpoints.
@@ -91,11 +100,12 @@ pub enum RuleName {
     DpmSolverPp3M,
     #[serde(rename = "unipc")]
     UniPc,
+    TrigFlow,
 }
 
 impl RuleName {
     /// Every rule, in declaration order.
-    pub const ALL: [RuleName; 10] = [Self::Euler, Self::Heun, Self::Jump, Self::Ddim, Self::DdpmAncestral, Self::Sde, Self::Renoise, Self::DpmSolverPp2M, Self::DpmSolverPp3M, Self::UniPc];
+    pub const ALL: [RuleName; 11] = [Self::Euler, Self::Heun, Self::Jump, Self::Ddim, Self::DdpmAncestral, Self::Sde, Self::Renoise, Self::DpmSolverPp2M, Self::DpmSolverPp3M, Self::UniPc, Self::TrigFlow];
 
     /// The name configs use (`"ddpm_ancestral"`).
     pub fn name(self) -> &'static str {
@@ -110,6 +120,7 @@ impl RuleName {
             Self::DpmSolverPp2M => "dpm_solver_pp_2m",
             Self::DpmSolverPp3M => "dpm_solver_pp_3m",
             Self::UniPc => "unipc",
+            Self::TrigFlow => "trig_flow",
         }
     }
 
@@ -149,6 +160,7 @@ impl RuleName {
             Self::DdpmAncestral => StepRule::DdpmAncestral,
             Self::Sde => StepRule::Sde { diffusion: diffusion.ok_or_else(|| anyhow::anyhow!("the sde rule needs a diffusion coefficient g(t)"))? },
             Self::Renoise => StepRule::Renoise,
+            Self::TrigFlow => StepRule::TrigFlow,
         })
     }
 }
@@ -167,6 +179,7 @@ impl StepRule {
             Self::DpmSolverPp2M { .. } => RuleName::DpmSolverPp2M,
             Self::DpmSolverPp3M { .. } => RuleName::DpmSolverPp3M,
             Self::UniPc { .. } => RuleName::UniPc,
+            Self::TrigFlow => RuleName::TrigFlow,
         }
     }
 }
@@ -184,6 +197,9 @@ pub enum Prediction {
     AverageVelocity,
     /// The jump to data only, F(x_t, t, h = t) with x̂ = x_t − t·F (consistency models).
     JumpToData,
+    /// sCM's TrigFlow consistency output, F(x_t/sigma(1), t, h = t) with
+    /// x̂ = alpha(t)·x_t − sigma(t)·F (the `trig_flow` rule).
+    TrigFlowJump,
 }
 
 impl Prediction {
@@ -198,6 +214,7 @@ impl Prediction {
             Self::Velocity => &[Euler, Heun, Sde, DpmSolverPp2M, DpmSolverPp3M, UniPc],
             Self::AverageVelocity => &[Jump, Euler, Heun, Sde, Renoise],
             Self::JumpToData => &[Renoise],
+            Self::TrigFlowJump => &[TrigFlow],
         }
     }
 
@@ -213,6 +230,7 @@ impl Prediction {
             Self::Velocity => "the velocity at h = 0 only",
             Self::AverageVelocity => "the average velocity over a step (h >= 0)",
             Self::JumpToData => "the jump to data F(x_t, t, t) only",
+            Self::TrigFlowJump => "TrigFlow's jump to data x̂ = alpha·x_t − sigma·F(x_t/sigma(1), t, t) only",
         }
     }
 }
@@ -332,8 +350,17 @@ pub fn sample(net: &dyn VelocityField, path: &dyn Interpolant, noise: Tensor, cl
     let kind = if noise.kind() == Kind::Double { Kind::Double } else { Kind::Float };
     let device: Device = noise.device();
     let time = |v: f64| Tensor::full([b], v, (kind, device));
+    // The trig_flow rule's input scale sigma(1) (TrigFlow's σ_d), read from a CPU tensor.
+    let sigma_one = match rule {
+        StepRule::TrigFlow => path.sigma(&Tensor::from_slice(&[1.0f64])).double_value(&[0]),
+        _ => 1.0,
+    };
     tch::no_grad(move || {
-        let mut x = noise;
+        // trig_flow reads `noise` as ε and starts from sigma(t_0)·ε (TrigFlow's prior σ_d·ε).
+        let mut x = match rule {
+            StepRule::TrigFlow => noise * c.sigma[0],
+            _ => noise,
+        };
         for i in 0..grid.len() - 1 {
             let (t, r) = (grid[i], grid[i + 1]);
             let h = t - r;
@@ -392,6 +419,15 @@ pub fn sample(net: &dyn VelocityField, path: &dyn Interpolant, noise: Tensor, cl
                 StepRule::Renoise => {
                     let u = net.forward(&x, &t_b, &t_b, class);
                     let x_hat = &x - u * t;
+                    if r > 0.0 {
+                        &x_hat * c.alpha[j] + x_hat.randn_like() * c.sigma[j]
+                    } else {
+                        x_hat
+                    }
+                }
+                StepRule::TrigFlow => {
+                    let f = net.forward(&(&x / sigma_one), &t_b, &t_b, class);
+                    let x_hat = &x * c.alpha[i] - f * c.sigma[i];
                     if r > 0.0 {
                         &x_hat * c.alpha[j] + x_hat.randn_like() * c.sigma[j]
                     } else {

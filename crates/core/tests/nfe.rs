@@ -37,7 +37,7 @@ fn the_counter_does_not_change_the_samples() {
 
 #[test]
 fn one_evaluation_rules_cost_one_per_step() {
-    for rule in [StepRule::Euler, StepRule::Jump, StepRule::Renoise, StepRule::Sde { diffusion: Diffusion::Constant(DiffusionScale { scale: 0.0 }) }] {
+    for rule in [StepRule::Euler, StepRule::Jump, StepRule::Renoise, StepRule::TrigFlow, StepRule::Sde { diffusion: Diffusion::Constant(DiffusionScale { scale: 0.0 }) }] {
         for steps in [1, 2, 5] {
             let (_, nfe, calls) = run(rule, steps, 1.0);
             assert_eq!((nfe, calls), (steps as f64, steps as u64), "{rule:?} with {steps} steps");
@@ -97,8 +97,9 @@ fn predictions_accept_the_rules_that_read_them() {
     assert!(Prediction::Velocity.accepts(RuleName::Heun) && !Prediction::Velocity.accepts(RuleName::Jump) && !Prediction::Velocity.accepts(RuleName::Ddim));
     assert!(Prediction::AverageVelocity.accepts(RuleName::Euler) && Prediction::AverageVelocity.accepts(RuleName::Jump));
     assert_eq!(Prediction::JumpToData.rules(), &[RuleName::Renoise]);
+    assert_eq!(Prediction::TrigFlowJump.rules(), &[RuleName::TrigFlow]);
     // Every rule is accepted by some prediction.
     for r in RuleName::ALL {
-        assert!([Prediction::Eps, Prediction::Velocity, Prediction::AverageVelocity, Prediction::JumpToData].iter().any(|p| p.accepts(r)), "{r:?}");
+        assert!([Prediction::Eps, Prediction::Velocity, Prediction::AverageVelocity, Prediction::JumpToData, Prediction::TrigFlowJump].iter().any(|p| p.accepts(r)), "{r:?}");
     }
 }

@@ -1,5 +1,5 @@
 //! Samplers against the closed forms of Gaussian data (linear and DDPM paths), float64.
-use flowmap_core::{sample, uniform_grid, DdpmSchedule, Diffusion, DiffusionScale, ExactAverageVelocity, ExactEps, ExactVelocity, GaussianData, Linear, StepRule, VelocityField};
+use flowmap_core::{sample, uniform_grid, DdpmSchedule, Diffusion, DiffusionScale, ExactAverageVelocity, ExactEps, ExactTrigFlowJump, ExactVelocity, GaussianData, Linear, StepRule, TrigFlow, VelocityField};
 use std::cell::RefCell;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -246,6 +246,43 @@ fn consistency_multistep_with_exact_jump_keeps_the_data_law() {
     assert_moments(&x, &MU, S * S, "consistency multistep");
 }
 
+#[test]
+fn trig_flow_consistency_sampling_with_the_exact_jump_keeps_the_data_law() {
+    single_thread();
+    let _g = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(6);
+    let data = data();
+    let path = TrigFlow { sigma_d: 0.5 };
+    let net = ExactTrigFlowJump { data: &data, path: &path };
+    let b = 20_000;
+    // The rule starts from sigma(1)·eps = σ_d·eps; one step, two steps at sCM's τ_mid = 1.1
+    // (t = 2.2/π), and four uniform steps all land on N(mu, s² I).
+    let mid = 2.2 / std::f64::consts::PI;
+    for grid in [vec![1.0, 0.0], vec![1.0, mid, 0.0], uniform_grid(4)] {
+        let x = sample(&net, &path, noise(b), &no_class(b), &grid, StepRule::TrigFlow);
+        assert_moments(&x, &MU, S * S, &format!("trig_flow on {grid:?}"));
+    }
+    // One step is the exact flow map of the start point (deterministic).
+    let eps = noise(64);
+    let ones = Tensor::ones([64], (Kind::Double, Device::Cpu));
+    let one = sample(&net, &path, eps.copy(), &no_class(64), &[1.0, 0.0], StepRule::TrigFlow);
+    let exact = data.flow_map(&path, &(&eps * 0.5), &ones, &ones);
+    assert!(rms(&(one - exact)) < 1e-12);
+    // The network sees x_t/σ_d = (σ_d·ε)/σ_d: a recorder of inputs gets ε back.
+    let seen = RefCell::new(Tensor::zeros([1], (Kind::Double, Device::Cpu)));
+    let spy = (
+        |x: &Tensor, _t: &Tensor, _h: &Tensor, _c: &Tensor| {
+            *seen.borrow_mut() = x.copy();
+            x.zeros_like()
+        },
+        0,
+    );
+    let start = noise(8);
+    let out = sample(&spy, &path, start.copy(), &no_class(8), &[1.0, 0.0], StepRule::TrigFlow);
+    assert!(rms(&(&*seen.borrow() - &start)) < 1e-15);
+    assert!(rms(&out) < 1e-15, "alpha(1) = 0: a zero output jumps to 0");
+}
+
 /// (t, h, kind of t) of one call.
 type Call = (Vec<f64>, Vec<f64>, Kind);
 
@@ -266,11 +303,12 @@ fn the_network_receives_t_and_h_per_rule() {
     single_thread();
     let grid = uniform_grid(4);
     let noise = Tensor::zeros([3, 2], (Kind::Float, Device::Cpu));
-    let cases: [(StepRule, Vec<(f64, f64)>); 4] = [
+    let cases: [(StepRule, Vec<(f64, f64)>); 5] = [
         (StepRule::Euler, vec![(1.0, 0.0), (0.75, 0.0), (0.5, 0.0), (0.25, 0.0)]),
         (StepRule::Jump, vec![(1.0, 0.25), (0.75, 0.25), (0.5, 0.25), (0.25, 0.25)]),
         (StepRule::Heun, vec![(1.0, 0.0), (0.75, 0.0), (0.75, 0.0), (0.5, 0.0), (0.5, 0.0), (0.25, 0.0), (0.25, 0.0), (0.0, 0.0)]),
         (StepRule::Renoise, vec![(1.0, 1.0), (0.75, 0.75), (0.5, 0.5), (0.25, 0.25)]),
+        (StepRule::TrigFlow, vec![(1.0, 1.0), (0.75, 0.75), (0.5, 0.5), (0.25, 0.25)]),
     ];
     for (rule, expected) in cases {
         let rec = Recorder(RefCell::new(vec![]));

@@ -15,6 +15,12 @@ use tch::Tensor;
 const N: u64 = 10;
 const K: u64 = 4;
 
+// tch's global generator is shared by the test threads of this binary: one trainer at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct LearnedWeighting {
     inner: FlowMatching,
     log_scale: Option<Tensor>,
@@ -64,6 +70,7 @@ fn metric(dir: &Path, name: &str) -> Vec<f64> {
 
 #[test]
 fn an_objective_parameter_is_optimised_saved_and_resumed_exactly() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let (straight, resumed) = (tmp.path().join("straight"), tmp.path().join("resumed"));
 
@@ -103,4 +110,64 @@ fn an_objective_parameter_is_optimised_saved_and_resumed_exactly() {
     }
     assert_eq!(metric(&straight, "loss"), metric(&resumed, "loss"), "loss sequences differ");
     assert_eq!(metric(&straight, "log_scale"), metric(&resumed, "log_scale"));
+}
+
+/// Trains the tiny config with sCT (`kind = "scm_training"`, its learned weighting on, the
+/// tangent warm-up short so the JVP term matters) into `dir`, at most `max` steps this call.
+fn train_scm(dir: &Path, max: Option<u64>) -> (Outcome, Vec<(String, Tensor)>) {
+    let overrides = [
+        format!("run.steps={N}"),
+        "run.log_every=1".into(),
+        "run.checkpoint_every=0".into(),
+        "run.keep_checkpoints=1".into(),
+        "optimizer.lr=0.01".into(),
+        "objective.kind=\"scm_training\"".into(),
+        "objective.tangent_warmup_steps=2".into(),
+        "sampling.rule=\"trig_flow\"".into(),
+    ];
+    let (cfg, table) = load_config(&config_path(), &overrides).unwrap();
+    let opts = TrainOptions { run_dir: Some(dir.to_path_buf()), resume: Resume::Auto, max_steps_this_call: max, ..Default::default() };
+    let trainer = Trainer::open(&cfg, &table, &opts).unwrap();
+    let params = trainer.objective_params();
+    let summary = trainer.run().unwrap();
+    (summary.outcome, params)
+}
+
+#[test]
+fn scm_weighting_parameters_get_gradients_and_are_saved_and_resumed_exactly() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (straight, resumed) = (tmp.path().join("straight"), tmp.path().join("resumed"));
+    let (outcome, params) = train_scm(&straight, None);
+    assert_eq!(outcome, Outcome::Finished);
+    let names: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, vec!["weighting.bias", "weighting.weight"], "sCM's log-variance head");
+    // Zero-initialised; after N steps every entry has moved (each got a gradient: the bias through
+    // 1 − prior·e^{−u}·L, every weight through its Fourier feature).
+    let saved = checkpoint(&straight, "objective");
+    for (name, live) in &params {
+        assert!(saved[name.as_str()].equal(live), "{name}: the checkpoint holds the trained value");
+        let smallest = live.abs().min().double_value(&[]);
+        println!("sCM {name}: {:?} entries, smallest |value| after {N} steps {smallest:.3e}", live.size());
+        assert!(smallest > 1e-4, "{name} did not move from 0 (no gradient?)");
+    }
+    let optim = checkpoint(&straight, "optim");
+    assert!(optim.contains_key("m.objective.weighting.weight") && optim.contains_key("v.objective.weighting.bias"));
+    let logvar = metric(&straight, "scm_logvar");
+    assert_eq!(logvar[0], 0.0, "step 0 uses u = 0");
+    assert!(logvar[N as usize - 1] != 0.0);
+
+    let (outcome, _) = train_scm(&resumed, Some(K));
+    assert_eq!(outcome, Outcome::Interrupted);
+    let (outcome, _) = train_scm(&resumed, None);
+    assert_eq!(outcome, Outcome::Finished);
+    for part in ["model", "ema", "optim", "objective"] {
+        let (a, b) = (checkpoint(&straight, part), checkpoint(&resumed, part));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{part}");
+        for (k, t) in &a {
+            assert!(t.equal(&b[k]), "{part}: `{k}` differs after resume");
+        }
+    }
+    assert_eq!(metric(&straight, "loss"), metric(&resumed, "loss"), "loss sequences differ");
+    assert_eq!(metric(&straight, "scm_logvar"), metric(&resumed, "scm_logvar"));
 }

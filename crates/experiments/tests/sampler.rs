@@ -50,6 +50,24 @@ fn without_overrides_each_objective_samples_its_own_way() {
     assert_eq!(load(&f, &CT).unwrap().sampler().unwrap().rule, StepRule::Renoise);
     let vp = load(&f, &["objective.path={ kind = \"vp_cosine\" }"]).unwrap().sampler().unwrap();
     assert!(matches!(vp.path, InterpolantConfig::VpCosine(_)), "{vp}");
+    // sCM: the trig_flow rule on the TrigFlow path of its σ_d, 2 steps through τ_mid = 1.1 (the
+    // other step counts uniform), unless [sampling].time_grid names its own grid.
+    let scm = load(&f, &["objective.kind=scm_training", "objective.sigma_d=0.6"]).unwrap().sampler().unwrap();
+    assert_eq!((scm.rule, &scm.path), (StepRule::TrigFlow, &InterpolantConfig::TrigFlow(flowmap_core::TrigFlowConfig { sigma_d: 0.6 })));
+    let two = scm.grid(2);
+    assert!(two.len() == 3 && (two[1] - 2.2 / std::f64::consts::PI).abs() < 1e-15, "{two:?}");
+    assert_eq!(scm.grid(1), vec![1.0, 0.0]);
+    assert_eq!(scm.grid(4), vec![1.0, 0.75, 0.5, 0.25, 0.0]);
+    let own = load(&f, &["objective.kind=scm_training", "sampling.time_grid=[1.0, 0.5, 0.0]", "sampling.steps=[1, 2]"]).unwrap().sampler().unwrap();
+    assert_eq!(own.grid(2), vec![1.0, 0.5, 0.0]);
+    let e = error(&f, &["objective.kind=scm_distillation"]);
+    assert!(e.contains("needs a [teacher] table"), "{e}");
+    let e = error(&f, &["objective.kind=scm_training", "sampling.rule=renoise"]);
+    assert!(e.contains("sampling.rule") && e.contains("trig_flow"), "{e}");
+    let e = error(&f, &["objective.kind=scm_training", "objective.teacher_h=0.1"]);
+    assert!(e.contains("objective.teacher_h") && e.contains("scm_distillation"), "{e}");
+    let e = error(&f, &["objective.kind=scm_training", "objective.mid_tau=2.0"]);
+    assert!(e.contains("objective.mid_tau"), "{e}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The teacher of the distillation objectives, through the trainer on the tiny CPU config:
 //! progressive distillation's refresh at a stage boundary copies the student's EMA
 //! (`refresh_from = "ema"`, the Shortcut code) or its online weights (`"online"`), and a
-//! consistency-distillation run with `init_student = true` starts from the teacher's weights.
+//! consistency-distillation run with `init_student = true` starts from the teacher's weights; sCD
+//! (`scm_distillation`) trains from a flow-matching teacher run.
 use flowmap_experiments::config::load_config;
 use flowmap_experiments::run::checkpoint::CheckpointDir;
 use flowmap_experiments::train::trainer::Trainer;
@@ -127,4 +128,33 @@ fn consistency_distillation_with_init_student_starts_from_the_teacher() {
         }
         t.train_step().unwrap();
     }
+}
+
+#[test]
+fn scm_distillation_trains_from_a_flow_matching_teacher_run() {
+    let _serial = serial();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = teacher_run(dir.path(), 3);
+    let base = ["objective.kind=\"scm_distillation\"".to_string(), "objective.tangent_warmup_steps=0".into(), "sampling.rule=\"trig_flow\"".into(), "run.steps=3".into()];
+    // Without a [teacher] table the config is refused, naming what is missing.
+    let err = load_config(&tiny(), &sets(&base)).unwrap_err();
+    assert!(format!("{err:#}").contains("needs a [teacher] table"), "{err:#}");
+    let mut with_teacher = base.to_vec();
+    with_teacher.push(format!("teacher.run=\"{}\"", teacher.display()));
+    let mut t = open(&dir.path().join("scd"), &with_teacher);
+    let start = saved(&mut t, &["teacher", "model"]);
+    assert_eq!(max_diff(&start[0], &latest(&teacher, "ema")), 0.0, "the sCD teacher is the teacher run's EMA weights");
+    let mut losses = vec![];
+    for _ in 0..3 {
+        let report = t.train_step().unwrap();
+        assert!(report.applied);
+        let raw = report.loss.metrics.iter().find(|(k, _)| *k == "scm_loss_unweighted").unwrap().1.double_value(&[]);
+        losses.push(raw);
+    }
+    println!("sCD from a 3-step flow-matching teacher: unweighted loss per step {losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    let end = saved(&mut t, &["teacher", "model"]);
+    assert_eq!(max_diff(&end[0], &start[0]), 0.0, "the teacher stays frozen");
+    assert!(max_diff(&end[1], &start[1]) > 1e-6, "the student trained");
 }

@@ -5,8 +5,22 @@ use crate::*;
 
 impl ObjectiveConfig {
     /// Every `kind` an `[objective]` table can name (one per variant of [`ObjectiveConfig`]).
-    pub const KINDS: [&'static str; 12] =
-        ["flow_matching", "ddpm", "consistency_training", "consistency_distillation", "progressive_distillation", "reflow", "live_reflow", "shortcut", "mean_flow", "improved_mean_flow", "alpha_flow", "split_mean_flow"];
+    pub const KINDS: [&'static str; 14] = [
+        "flow_matching",
+        "ddpm",
+        "consistency_training",
+        "consistency_distillation",
+        "progressive_distillation",
+        "reflow",
+        "live_reflow",
+        "shortcut",
+        "mean_flow",
+        "improved_mean_flow",
+        "alpha_flow",
+        "split_mean_flow",
+        "scm_training",
+        "scm_distillation",
+    ];
 
     /// The `kind` of this config, as TOML writes it. A new variant must be named here and in
     /// [`Self::KINDS`] (the match is exhaustive; `tests/config.rs` checks the list covers KINDS).
@@ -24,6 +38,8 @@ impl ObjectiveConfig {
             Self::ImprovedMeanFlow(_) => "improved_mean_flow",
             Self::AlphaFlow(_) => "alpha_flow",
             Self::SplitMeanFlow(_) => "split_mean_flow",
+            Self::ScmTraining(_) => "scm_training",
+            Self::ScmDistillation(_) => "scm_distillation",
         }
     }
 }
@@ -61,7 +77,7 @@ pub fn every_objective() -> Vec<Variant> {
         v("shortcut_official_code", O::Shortcut(ShortcutConfig::official_code()), 0),
         v("mean_flow", O::MeanFlow(MeanFlowConfig::default()), 0),
         v("mean_flow_guided", O::MeanFlow(MeanFlowConfig { guidance: Some(MeanFlowGuidance::default()), ..Default::default() }), 0),
-        v("mean_flow_graph_free", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::GraphFree, ..Default::default() }), 0),
+        v("mean_flow_graph_free", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::GraphFree, ..Default::default() }), 20_000),
         v("mean_flow_finite_difference", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::FiniteDifference, ..Default::default() }), 0),
         v("mean_flow_model_tangent_sg", O::MeanFlow(MeanFlowConfig::model_tangent_stop_gradient()), 0),
         v("mean_flow_model_tangent_full", O::MeanFlow(MeanFlowConfig::model_tangent_full()), 0),
@@ -73,5 +89,14 @@ pub fn every_objective() -> Vec<Variant> {
         v("alpha_flow_mean_flow_end", O::AlphaFlow(AlphaFlowConfig::default()), 400_000),
         v("alpha_flow_end_finite_difference", O::AlphaFlow(AlphaFlowConfig { jvp_mode: JvpMode::FiniteDifference, ..Default::default() }), 400_000),
         v("split_mean_flow", O::SplitMeanFlow(SplitMeanFlowConfig::default()), 0),
+        v("scm_training", O::ScmTraining(ScmConfig::default()), 20_000),
+        v("scm_training_graph_free", O::ScmTraining(ScmConfig { jvp_mode: JvpMode::GraphFree, ..Default::default() }), 20_000),
+        v("scm_training_finite_difference", O::ScmTraining(ScmConfig { jvp_mode: JvpMode::FiniteDifference, ..Default::default() }), 20_000),
+        v("scm_distillation", O::ScmDistillation(ScmConfig::default()), 20_000),
+        v(
+            "scm_distillation_guided_eps_teacher",
+            O::ScmDistillation(ScmConfig { teacher_prediction: Some(TeacherPrediction::Eps), teacher_path: Some(InterpolantConfig::VpCosine(Default::default())), teacher_cfg_scale: Some(1.5), ..Default::default() }),
+            20_000,
+        ),
     ]
 }

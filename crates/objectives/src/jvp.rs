@@ -138,3 +138,12 @@ where
     let (primal, tangent) = tch::no_grad(|| jvp(f, primals, tangents))?;
     Ok((primal.detach(), tangent.detach()))
 }
+
+/// CUDA autocast off while alive (the JVP objectives run their JVP in the network's dtype,
+/// methods.md §12.7). A no-op on the CPU.
+pub(crate) fn fp32_scope(device: tch::Device) -> Option<flowmap_sys::AutocastGuard> {
+    match device {
+        tch::Device::Cuda(_) => Some(flowmap_sys::AutocastGuard::new(flowmap_sys::AutocastDevice::Cuda, false, Kind::Float).expect("switching autocast off for the JVP")),
+        _ => None,
+    }
+}

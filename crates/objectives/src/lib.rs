@@ -18,6 +18,7 @@ pub mod live_reflow;
 pub mod mean_flow;
 pub mod progressive;
 pub mod reflow;
+pub mod scm;
 pub mod shortcut;
 pub mod split_mean_flow;
 pub mod weighting;
@@ -34,6 +35,7 @@ pub use live_reflow::{LiveReflow, LiveReflowConfig, ReflowTarget};
 pub use mean_flow::{MeanFlow, MeanFlowConfig, MeanFlowGuidance, MeanFlowTangent};
 pub use progressive::{ProgressiveConfig, ProgressiveDistillation};
 pub use reflow::{Reflow, ReflowConfig};
+pub use scm::{Scm, ScmConfig, ScmTeacher, TangentNorm, TeacherPrediction};
 pub use shortcut::{Shortcut, ShortcutConfig, ShortcutPreset};
 pub use split_mean_flow::{SplitMeanFlow, SplitMeanFlowConfig};
 pub use weighting::AdaptiveWeighting;
@@ -186,6 +188,8 @@ pub enum ObjectiveConfig {
     ImprovedMeanFlow(ImprovedMeanFlowConfig),
     AlphaFlow(AlphaFlowConfig),
     SplitMeanFlow(SplitMeanFlowConfig),
+    ScmTraining(ScmConfig),
+    ScmDistillation(ScmConfig),
 }
 
 impl ObjectiveConfig {
@@ -204,6 +208,8 @@ impl ObjectiveConfig {
             Self::ImprovedMeanFlow(c) => Box::new(c.build()?),
             Self::AlphaFlow(c) => Box::new(c.build()?),
             Self::SplitMeanFlow(c) => Box::new(c.build()?),
+            Self::ScmTraining(c) => Box::new(c.build(false)?),
+            Self::ScmDistillation(c) => Box::new(c.build(true)?),
         })
     }
 
@@ -222,6 +228,17 @@ impl ObjectiveConfig {
             Self::ImprovedMeanFlow(c) => c.default_sampler(),
             Self::AlphaFlow(c) => c.default_sampler(),
             Self::SplitMeanFlow(c) => c.default_sampler(),
+            Self::ScmTraining(c) | Self::ScmDistillation(c) => c.default_sampler(),
+        }
+    }
+
+    /// An explicit time grid the objective's paper samples with at its number of steps (sCM's
+    /// 2-step grid through τ_mid = 1.1), used where `[sampling].time_grid` is not set; `None`
+    /// for uniform grids.
+    pub fn default_time_grid(&self) -> Option<Vec<f64>> {
+        match self {
+            Self::ScmTraining(c) | Self::ScmDistillation(c) => Some(c.default_time_grid()),
+            _ => None,
         }
     }
 

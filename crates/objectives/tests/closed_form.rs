@@ -386,3 +386,124 @@ fn split_mean_flow_splitting_residual_vanishes() {
     let expected = over_pairs(|t, _| (s * s) / sigma_t(t, s).square());
     assert_close(metric(&l, "split_flow_loss"), expected, 0.03, "SplitMeanFlow r = t rows with the exact velocity");
 }
+
+/// sCM's per-element irreducible value at TrigFlow time τ for data N(mu, s²I) (no tangent
+/// normalisation, r = 1, no weighting) [derived]: with V = cos²τ·s² + σ_d²·sin²τ the exact
+/// consistency function is f = mu + (s/√V)(x_τ − cos τ·mu), so cos τ·df/dτ along the conditional
+/// velocity is g = cos τ·(s/√V)·(dx/dτ − v(x_τ)), and Var(dx/dτ | x_τ) = s²σ_d²/V (the
+/// determinant of the rotated independent pair (x, σ_d ε) over V). Hence E[g²] = cos²τ·s⁴σ_d²/V².
+fn scm_irreducible(tau: f64, s: f64, sigma_d: f64) -> f64 {
+    let v = tau.cos().powi(2) * s * s + sigma_d * sigma_d * tau.sin().powi(2);
+    tau.cos().powi(2) * s.powi(4) * sigma_d * sigma_d / (v * v)
+}
+
+/// E over sCM's proposal τ = arctan(e^n/σ_d), n ~ N(p_mean, p_std²), by the midpoint rule on n.
+fn over_scm_times(p_mean: f64, p_std: f64, sigma_d: f64, f: impl Fn(f64) -> f64) -> f64 {
+    let (n, lo, hi) = (200_000, -10.0, 10.0);
+    let dz = (hi - lo) / n as f64;
+    (0..n)
+        .map(|i| {
+            let z = lo + (i as f64 + 0.5) * dz;
+            let tau = ((p_mean + p_std * z).exp() / sigma_d).atan();
+            f(tau) * (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt() * dz
+        })
+        .sum()
+}
+
+fn scm_gaussian(s: f64) -> flowmap_core::GaussianData {
+    flowmap_core::GaussianData { mu: Tensor::full([D], MU, F64), s }
+}
+
+#[test]
+fn scm_training_loss_with_the_exact_consistency_function_is_its_irreducible_value() {
+    let _g = lock();
+    let sigma_d = 0.5;
+    let path = flowmap_core::TrigFlow { sigma_d };
+    for s in [0.5, 1.0] {
+        let data = scm_gaussian(s);
+        let net = flowmap_core::ExactTrigFlowJump { data: &data, path: &path };
+        let cfg = ScmConfig { tangent_norm: TangentNorm::None, prior_weighting: false, adaptive_weighting: false, tangent_warmup_steps: 0, ..Default::default() };
+        let sct = cfg.build(false).unwrap();
+        tch::manual_seed(21);
+        let batch = Batch::new(data.sample(32_768), Tensor::zeros([32_768], (Kind::Int64, Device::Cpu)));
+        tch::manual_seed(22);
+        let one_pass = run(&sct, &net, &batch).value.double_value(&[]);
+        let expected = over_scm_times(cfg.p_mean, cfg.p_std, sigma_d, |tau| scm_irreducible(tau, s, sigma_d));
+        assert_close(one_pass, expected, 0.03, &format!("sCT loss with the exact consistency function (s = {s}, σ_d = {sigma_d})"));
+        // With the default tangent normalisation the logged raw tangent (`scm_tangent_sq`, the
+        // progress line's loss) is the same quantity from the same draws.
+        let normalised = ScmConfig { tangent_norm: TangentNorm::L2, ..cfg.clone() }.build(false).unwrap();
+        tch::manual_seed(22);
+        let logged = metric(&run(&normalised, &net, &batch), "scm_tangent_sq");
+        assert!((logged - one_pass).abs() <= 1e-12 * one_pass, "{logged} vs {one_pass}");
+        // The three JVP modes give the same loss from the same draws (float64).
+        for (mode, tol) in [(JvpMode::GraphFree, 1e-12), (JvpMode::FiniteDifference, 1e-6)] {
+            let other = ScmConfig { jvp_mode: mode, ..cfg.clone() }.build(false).unwrap();
+            tch::manual_seed(22);
+            let v = run(&other, &net, &batch).value.double_value(&[]);
+            println!("sCT one_pass {one_pass:.12} vs {} {v:.12}", mode.name());
+            assert!((v - one_pass).abs() <= tol * one_pass, "{}: {v} vs {one_pass}", mode.name());
+        }
+    }
+}
+
+#[test]
+fn scm_distillation_with_an_exact_teacher_has_zero_loss() {
+    let _g = lock();
+    let s = 1.0;
+    let gaussian = scm_gaussian(s);
+    let trig = flowmap_core::TrigFlow { sigma_d: 0.5 };
+    let student = flowmap_core::ExactTrigFlowJump { data: &gaussian, path: &trig };
+    // Teachers on other paths, predicting velocity (flow matching) or eps (DDPM), converted to
+    // TrigFlow by equal signal-to-noise ratio: with the exact fields g = cos τ·df/dτ = 0.
+    let linear = flowmap_core::Linear::new();
+    let cosine = flowmap_core::VpCosine { offset: 0.008 };
+    let ddpm = DdpmSchedule::default();
+    let fm_teacher = flowmap_core::ExactVelocity { data: &gaussian, path: &linear };
+    let cos_teacher = flowmap_core::ExactEps { data: &gaussian, path: &cosine };
+    let ddpm_teacher = flowmap_core::ExactEps { data: &gaussian, path: &ddpm };
+    let cases: [(&str, &dyn VelocityField, flowmap_core::InterpolantConfig, TeacherPrediction); 3] = [
+        ("linear velocity", &fm_teacher, flowmap_core::InterpolantConfig::Linear(flowmap_core::NoParams {}), TeacherPrediction::Velocity),
+        ("vp_cosine eps", &cos_teacher, flowmap_core::InterpolantConfig::VpCosine(Default::default()), TeacherPrediction::Eps),
+        ("ddpm eps", &ddpm_teacher, flowmap_core::InterpolantConfig::DdpmLinearBeta(Default::default()), TeacherPrediction::Eps),
+    ];
+    for (name, teacher, path, prediction) in cases {
+        tch::manual_seed(23);
+        let batch = data(4096, s);
+        // Default settings: tangent normalisation, prior weighting (the weighting is not initialised: u = 0).
+        for norm in [TangentNorm::None, TangentNorm::L2] {
+            let scd = ScmConfig { teacher_path: Some(path.clone()), teacher_prediction: Some(prediction), tangent_norm: norm, ..Default::default() }.build(true).unwrap();
+            let l = scd.loss(Nets { online: &student, ema: &student, teacher: Some(teacher) }, &batch, 20_000);
+            let raw = metric(&l, "scm_loss_unweighted");
+            println!("sCD with the exact {name} teacher, tangent_norm {norm:?}: {raw:.3e}");
+            assert!(raw < 1e-18, "{name}: {raw}");
+        }
+    }
+}
+
+#[test]
+fn scm_exact_one_step_map_has_zero_self_consistency_residual() {
+    let _g = lock();
+    tch::manual_seed(24);
+    let s = 1.0;
+    let data = scm_gaussian(s);
+    let path = flowmap_core::TrigFlow { sigma_d: 0.5 };
+    let net = flowmap_core::ExactTrigFlowJump { data: &data, path: &path };
+    let n = 2048;
+    let x0 = data.sample(n);
+    let eps = Tensor::randn([n, D], F64);
+    let t = Tensor::rand([n], F64) * 0.98 + 0.01;
+    let r = &t * Tensor::rand([n], F64);
+    let x_t = path.interpolate(&x0, &eps, &t);
+    let x_r = data.flow_map(&path, &x_t, &t, &(&t - &r)); // the probability-flow ODE from t to r
+    let c = Tensor::zeros([n], (Kind::Int64, Device::Cpu));
+    // f(x, t) = alpha·x − sigma·F(x/σ_d, t, t): the trig_flow rule's jump to data.
+    let f = |x: &Tensor, t: &Tensor| per_sample(&path.alpha(t), x) * x - per_sample(&path.sigma(t), x) * net.forward(&(x / 0.5), t, t, &c);
+    let residual = (f(&x_t, &t) - f(&x_r, &r)).abs().max().double_value(&[]);
+    println!("sCM exact one-step map: max |f(x_t, t) − f(x_r, r)| = {residual:.3e}");
+    assert!(residual < 1e-12, "{residual}");
+    // The map sends the TrigFlow prior σ_d·ε to the data law.
+    let one = f(&(Tensor::randn([65_536, D], F64) * 0.5), &Tensor::ones([65_536], F64));
+    let (m, v) = (one.mean(Kind::Double).double_value(&[]), one.var(true).double_value(&[]));
+    assert!((m - MU).abs() < 0.01 && (v - s * s).abs() < 0.01, "mean {m}, var {v}");
+}

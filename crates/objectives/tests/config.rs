@@ -18,6 +18,8 @@ fn every_kind_parses_with_defaults_and_builds() {
         "kind = \"live_reflow\"",
         "kind = \"shortcut\"",
         "kind = \"mean_flow\"",
+        "kind = \"scm_training\"",
+        "kind = \"scm_distillation\"",
     ];
     for text in kinds {
         let cfg = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
@@ -148,4 +150,35 @@ fn every_objective_covers_every_kind_and_each_kind_round_trips_through_toml() {
         assert_eq!(back, v.config, "{}", v.name);
         v.config.build().unwrap_or_else(|e| panic!("{}: {e}", v.name));
     }
+}
+
+#[test]
+fn scm_bad_values_are_errors_naming_the_key() {
+    let err = |text: &str| -> String {
+        let cfg: ObjectiveConfig = toml::from_str(text).unwrap();
+        match cfg.build() {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    for (text, key) in [
+        ("kind = \"scm_training\"\nsigma_d = 0.0", "objective.sigma_d"),
+        ("kind = \"scm_training\"\np_std = -1.0", "objective.p_std"),
+        ("kind = \"scm_training\"\ntangent_norm_c = 0.0", "objective.tangent_norm_c"),
+        ("kind = \"scm_training\"\nweighting_features = 3", "objective.weighting_features"),
+        ("kind = \"scm_training\"\nmid_tau = 1.6", "objective.mid_tau"),
+        ("kind = \"scm_training\"\njvp_mode = \"finite_difference\"\njvp_fd_step = 2.0", "objective.jvp_fd_step"),
+        ("kind = \"scm_training\"\nteacher_prediction = \"eps\"", "objective.teacher_prediction"),
+        ("kind = \"scm_distillation\"\nteacher_h = 2.0", "objective.teacher_h"),
+        ("kind = \"scm_distillation\"\nteacher_path = { kind = \"trig_flow\", sigma_d = -1.0 }", "objective.teacher_path"),
+    ] {
+        let e = err(text);
+        assert!(e.contains(key), "{text}: {e}");
+    }
+    // A typo is refused by serde, naming the field.
+    let e = toml::from_str::<ObjectiveConfig>("kind = \"scm_training\"\ntangent_warmup = 5").unwrap_err().to_string();
+    assert!(e.contains("tangent_warmup"), "{e}");
+    // tangent_norm = "none" needs no c.
+    let ok: ObjectiveConfig = toml::from_str("kind = \"scm_training\"\ntangent_norm = \"none\"\ntangent_norm_c = 0.0").unwrap();
+    assert!(ok.build().is_ok());
 }

@@ -33,8 +33,8 @@ impl Weights {
 #[serde(deny_unknown_fields)]
 pub struct SamplingConfig {
     /// euler | heun | jump | ddim | ddpm_ancestral | sde | renoise | dpm_solver_pp_2m |
-    /// dpm_solver_pp_3m | unipc; default: the objective's (flow_matching, reflow: euler; ddpm:
-    /// ddim; consistency_*: renoise; the others: jump). The multistep solvers read velocity
+    /// dpm_solver_pp_3m | unipc | trig_flow; default: the objective's (flow_matching, reflow:
+    /// euler; ddpm: ddim; consistency_*: renoise; scm_*: trig_flow; the others: jump). The multistep solvers read velocity
     /// (flow_matching, reflow) or eps (ddpm) models.
     #[serde(default)]
     pub rule: Option<RuleName>,
@@ -53,7 +53,8 @@ pub struct SamplingConfig {
     #[serde(default)]
     pub grid: GridKind,
     /// explicit times 1 = t_0 > … > t_N = 0, walked instead of `grid` whenever N steps are
-    /// sampled (N must be in `steps`; the other step counts use `grid`); default none
+    /// sampled (N must be in `steps`; the other step counts use `grid`); default none, except
+    /// scm_*: [1, 2·objective.mid_tau/π, 0] (sCM's 2-step sampler)
     #[serde(default)]
     pub time_grid: Option<Vec<f64>>,
     /// classifier-free guidance w; 1 = none
@@ -149,7 +150,9 @@ impl SamplingConfig {
             native.rule.name()
         );
         let step_rule = rule.step_rule_for(native.prediction, self.diffusion).context("sampling.rule = \"sde\" needs sampling.diffusion")?;
-        Ok(Sampler { path: native.path, rule: step_rule, cfg_scale: self.cfg_scale, cfg_interval: self.cfg_interval.map(|[lo, hi]| (lo, hi)), grid: self.grid, time_grid: self.time_grid.clone() })
+        // The objective's own grid (sCM's 2-step τ_mid) unless the section names one.
+        let time_grid = self.time_grid.clone().or_else(|| objective.default_time_grid());
+        Ok(Sampler { path: native.path, rule: step_rule, cfg_scale: self.cfg_scale, cfg_interval: self.cfg_interval.map(|[lo, hi]| (lo, hi)), grid: self.grid, time_grid })
     }
 }
 
