@@ -42,9 +42,10 @@
 //!   eps from the unreachable config); flowmap draws on [0, 1].
 //! * Time convention: the code's net(x, sigma_next = r, sigma = t) is F(x, t, h = t − r) here; its
 //!   JVP along (v_g, 0, 1) over (x, r, t) is J·(v_g, 1, 1) over (x, t, h).
+use crate::jvp::fp32_scope;
 use crate::jvp::{validate_fd_step, JvpMode};
 use crate::label_dropout::{null_classes, replace_rows};
-use crate::mean_flow::{fp32_scope, MeanFlowGuidance};
+use crate::mean_flow::MeanFlowGuidance;
 use crate::weighting::mean_per_sample;
 use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
 use flowmap_core::time::LogitNormalConfig;

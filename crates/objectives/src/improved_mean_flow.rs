@@ -48,9 +48,9 @@
 //!   code's tangent `v_c` is the interval-masked, ω-conditioned prediction for the row's own label
 //!   (before dropout), its unconditional pass uses ω = 1, and its r = t rows ignore the interval
 //!   when forming v_g — all kept.
+use crate::jvp::fp32_scope;
 use crate::jvp::{validate_fd_step, JvpMode};
 use crate::label_dropout::{null_classes, DropRows, LabelDropout};
-use crate::mean_flow::fp32_scope;
 use crate::weighting::{sum_per_sample, AdaptiveWeighting};
 use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
 use flowmap_core::time::MeanFlowPairsConfig;

@@ -4,7 +4,7 @@
 //! (official, with sg on the JVP term) or the model's own F(x_t, t, 0) (with or without sg); per-sample
 //! sums, adaptive weighting. Time: the official code already puts data at t = 0 (z_t = (1 − t)x + t·e);
 //! it differentiates over (z, t, r) with tangent (v, 1, 0), here over (z, t, h = t − r) with (v, 1, 1).
-use crate::jvp::{validate_fd_step, JvpMode};
+use crate::jvp::{fp32_scope, validate_fd_step, JvpMode};
 use crate::label_dropout::{null_classes, DropRows, LabelDropout};
 use crate::weighting::{sum_per_sample, AdaptiveWeighting};
 use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
@@ -130,14 +130,6 @@ pub struct MeanFlow {
     pub weighting: AdaptiveWeighting,
     pub guidance: Option<MeanFlowGuidance>,
     pub dropout: LabelDropout,
-}
-
-/// CUDA autocast off while alive (JVPs run in float32; methods.md §12.7). A no-op on the CPU.
-pub(crate) fn fp32_scope(device: Device) -> Option<flowmap_sys::AutocastGuard> {
-    match device {
-        Device::Cuda(_) => Some(flowmap_sys::AutocastGuard::new(flowmap_sys::AutocastDevice::Cuda, false, tch::Kind::Float).expect("switching autocast off for the JVP")),
-        _ => None,
-    }
 }
 
 impl MeanFlow {
