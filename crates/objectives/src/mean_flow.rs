@@ -11,7 +11,7 @@ use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
 use flowmap_core::time::MeanFlowPairsConfig;
 use flowmap_core::{per_sample, Interpolant, InterpolantConfig, NoParams, PairSampler, PairSamplerConfig, Prediction, RuleName, VelocityField};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 /// The x-direction of the JVP tangent: what stands in for dx_t/dt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
