@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             Some(err) => println!("{:34} backward failed: {err}", e.name),
             None => {
                 let m = median(&mut e.times);
-                println!("{:34} {m:8.1} ms/step   {:5.2}x flow matching", e.name, m / fm);
+                println!("{:38} {m:8.1} ms/step   {:5.2}x flow matching", e.name, m / fm);
             }
         }
     }
