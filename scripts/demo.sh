@@ -2,9 +2,10 @@
 # `make demo`: does one-step generation work here? Two parts, timed:
 #   1. flowmap demo-2d: flow matching, Shortcut, MeanFlow and consistency training on 2-D
 #      distributions, sampled at 1, 2, 4 and 16 steps (figures + sliced-W1 table, about a minute);
-#   2. flowmap table: the same comparison on class-conditional MNIST with a small DiT, FID and KID
-#      over two evaluation seeds (experiments/demo_mnist.toml on the CPU, about 12 minutes on two
-#      cores; experiments/demo_mnist_gpu.toml, larger and longer, when libtorch sees a CUDA GPU).
+#   2. flowmap table: the same comparison on class-conditional MNIST at 16x16 with a small DiT,
+#      sampled with classifier-free guidance, FID and KID over two evaluation seeds
+#      (experiments/demo_mnist.toml on the CPU, its three runs trained side by side with --jobs 3;
+#      experiments/demo_mnist_gpu.toml, larger and longer, when libtorch sees a CUDA GPU).
 # Outputs: runs/demo/2d/ and runs/demo/mnist/ (table.md, fid_vs_steps.png, each run's samples/).
 # FLOWMAP_DEMO_DOCS=1 also copies the figures shown in the README into docs/demo/.
 set -euo pipefail

@@ -9,7 +9,7 @@ fn event_file_records_have_valid_crcs_and_carry_tag_and_value() {
     w.scalar("loss/train", 0.25, 7).unwrap();
     let x = Tensor::linspace(-1.0, 1.0, 4 * 8 * 8, (Kind::Float, tch::Device::Cpu)).reshape([4, 1, 8, 8]);
     let (png, h, wd, c) = grid_png(&x).unwrap();
-    assert_eq!((h, wd, c), (2 + 2 * 10, 2 + 2 * 10, 1));
+    assert_eq!((h, wd, c), (2 + 2 * 34, 2 + 2 * 34, 1)); // 8-pixel images drawn 4x (32 pixels)
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     w.image("samples/nfe1", &png, h, wd, c, 7).unwrap();
     drop(w);
