@@ -5,7 +5,7 @@ use crate::*;
 
 impl ObjectiveConfig {
     /// Every `kind` an `[objective]` table can name (one per variant of [`ObjectiveConfig`]).
-    pub const KINDS: [&'static str; 9] = ["flow_matching", "ddpm", "consistency_training", "consistency_distillation", "progressive_distillation", "reflow", "live_reflow", "shortcut", "mean_flow"];
+    pub const KINDS: [&'static str; 10] = ["flow_matching", "ddpm", "consistency_training", "consistency_distillation", "progressive_distillation", "reflow", "live_reflow", "shortcut", "mean_flow", "amed"];
 
     /// The `kind` of this config, as TOML writes it. A new variant must be named here and in
     /// [`Self::KINDS`] (the match is exhaustive; `tests/config.rs` checks the list covers KINDS).
@@ -20,6 +20,7 @@ impl ObjectiveConfig {
             Self::LiveReflow(_) => "live_reflow",
             Self::Shortcut(_) => "shortcut",
             Self::MeanFlow(_) => "mean_flow",
+            Self::Amed(_) => "amed",
         }
     }
 }
@@ -57,5 +58,6 @@ pub fn every_objective() -> Vec<Variant> {
         v("mean_flow_graph_free", O::MeanFlow(MeanFlowConfig { jvp_mode: JvpMode::GraphFree, ..Default::default() }), 0),
         v("mean_flow_model_tangent_sg", O::MeanFlow(MeanFlowConfig::model_tangent_stop_gradient()), 0),
         v("mean_flow_model_tangent_full", O::MeanFlow(MeanFlowConfig::model_tangent_full()), 0),
+        v("amed", O::Amed(AmedConfig { steps: vec![1, 2], teacher_substeps: 1, ..Default::default() }), 0),
     ]
 }

@@ -6,6 +6,7 @@ use flowmap_core::{InterpolantConfig, Prediction, RuleName, VelocityField};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+pub mod amed;
 pub mod catalog;
 pub mod consistency;
 pub mod ddpm;
@@ -19,6 +20,7 @@ pub mod reflow;
 pub mod shortcut;
 pub mod weighting;
 
+pub use amed::{Amed, AmedConfig};
 pub use catalog::{every_objective, Variant};
 pub use consistency::{ConsistencyDistillation, ConsistencyDistillationConfig, ConsistencyTraining, ConsistencyTrainingConfig};
 pub use ddpm::{Ddpm, DdpmObjectiveConfig, DdpmVariance};
@@ -82,6 +84,12 @@ pub trait Objective: Send {
     /// Whether `loss` uses `nets.teacher` (the loop then requires one).
     fn needs_teacher(&self) -> bool {
         false
+    }
+    /// Whether the loss trains the run's network. `false` for objectives that learn only their
+    /// own parameters around a frozen network (AMED's step predictor): the trainer then freezes
+    /// the model, so neither the optimizer (weight decay included) nor the EMA changes it.
+    fn trains_model(&self) -> bool {
+        true
     }
     /// Whether every batch must carry stored (noise, sample) couplings (`Batch::noise`): two-stage
     /// reflow trains on pairs made by `flowmap reflow-pairs`.
@@ -171,6 +179,7 @@ pub enum ObjectiveConfig {
     LiveReflow(LiveReflowConfig),
     Shortcut(ShortcutConfig),
     MeanFlow(MeanFlowConfig),
+    Amed(AmedConfig),
 }
 
 impl ObjectiveConfig {
@@ -186,6 +195,7 @@ impl ObjectiveConfig {
             Self::LiveReflow(c) => Box::new(c.build()?),
             Self::Shortcut(c) => Box::new(c.build()?),
             Self::MeanFlow(c) => Box::new(c.build()?),
+            Self::Amed(c) => Box::new(c.build()?),
         })
     }
 
@@ -201,6 +211,7 @@ impl ObjectiveConfig {
             Self::LiveReflow(c) => c.default_sampler(),
             Self::Shortcut(c) => c.default_sampler(),
             Self::MeanFlow(c) => c.default_sampler(),
+            Self::Amed(c) => c.default_sampler(),
         }
     }
 

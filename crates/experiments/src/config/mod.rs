@@ -265,6 +265,14 @@ impl ExperimentConfig {
             self.objective.kind()
         );
         ensure!(!objective.needs_teacher() || self.teacher.is_some(), "objective.kind = {:?} needs a [teacher] table with the run directory of a trained model", self.objective.kind());
+        if !objective.trains_model() {
+            // The run samples with its own (frozen) weights: they must be the teacher's.
+            ensure!(
+                self.teacher.as_ref().is_some_and(|t| t.init_student),
+                "objective.kind = {:?} trains only its own parameters around the frozen teacher: set teacher.init_student = true so the run's weights are the teacher's",
+                self.objective.kind()
+            );
+        }
         self.sampler()?;
         Ok(())
     }
