@@ -23,6 +23,8 @@
 //!   s = t^(1−rf)·r^rf: flowmap's grids end at r = 0, where the geometric mean is 0 for every rf.
 //! * **No analytical first step (AFS)**: on flow-matching paths v(x, 1) = x − E[data] is not the
 //!   x/sigma the official AFS assumes, so every step costs two evaluations (NFE = 2·steps).
+//! * **Initialisation**: the three output heads start at zero, so an untrained predictor is the
+//!   midpoint rule (rf = 1/2, c_dir = c_time = 1); the official heads start random (Kaiming).
 //! * Output ranges are the official ones for `sampler_stu = "amed"`: rf ∈ (0, 1) (sigmoid),
 //!   c_dir ∈ (0.99, 1.01), c_time ∈ (0.8, 1.2); c_time·s is clamped to [0, 1].
 use tch::nn::{self, Module};
@@ -76,13 +78,15 @@ impl AmedPredictor {
         let features = 2 * AMED_POOL + 2;
         let heads = 2 * AMED_TIME_FEATURES + AMED_ENCODED;
         let lin = |name: &str, i: i64, o: i64| nn::linear(p / name, i, o, Default::default());
+        // Zero heads: training starts from the midpoint rule (rf = 1/2, c_dir = c_time = 1).
+        let head = |name: &str| nn::linear(p / name, heads, 1, nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true });
         Self {
             map_time: lin("map_time", AMED_TIME_FEATURES, AMED_TIME_FEATURES),
             enc0: lin("enc0", features, AMED_HIDDEN),
             enc1: lin("enc1", AMED_HIDDEN, AMED_ENCODED),
-            fc_r: lin("fc_r", heads, 1),
-            fc_scale_dir: lin("fc_scale_dir", heads, 1),
-            fc_scale_time: lin("fc_scale_time", heads, 1),
+            fc_r: head("fc_r"),
+            fc_scale_dir: head("fc_scale_dir"),
+            fc_scale_time: head("fc_scale_time"),
         }
     }
 
