@@ -96,6 +96,8 @@ fn amed_settings_are_checked_with_the_key_named() {
     assert!(format!("{e:#}").contains("[teacher]"), "{e:#}");
     let e = config(&["objective={ kind = \"amed\", steps = [] }".into(), "teacher={ run = \"runs/x\", init_student = true }".into()]).unwrap_err();
     assert!(format!("{e:#}").contains("objective.steps"), "{e:#}");
+    let e = config(&["objective={ kind = \"amed\", grid = { kind = \"logsnr\" } }".into(), "teacher={ run = \"runs/x\", init_student = true }".into()]).unwrap_err();
+    assert!(format!("{e:#}").contains("objective.grid") && format!("{e:#}").contains("sampling.grid"), "{e:#}");
     let e = config(&["sampling.rule=amed".into()]).unwrap_err();
     assert!(format!("{e:#}").contains("sampling.rule = \"amed\"") && format!("{e:#}").contains("flow_matching"), "{e:#}");
 }

@@ -69,7 +69,7 @@ set = ["objective.kind=mean_flow", "sampling.rule=jump"]
     let fid = flowmap(&["fid", "--run", run, "--steps", "2", "--num-samples", "4", "--ref-images", "6"]);
     assert!(fid.starts_with("steps,eval_seed,fid,kid\n2,0,"), "{fid}");
     let plots = flowmap(&["plot", "--run", run, "--run", out.join("flow-matching").to_str().unwrap(), "--out", dir.path().join("plots").to_str().unwrap()]);
-    assert!(plots.contains("fid_vs_steps.svg") && plots.contains("loss.png"), "{plots}");
+    assert!(plots.contains("fid_vs_steps.svg") && plots.contains("fid_vs_nfe.png") && plots.contains("loss.png"), "{plots}");
 }
 
 #[test]

@@ -273,6 +273,14 @@ impl ExperimentConfig {
                 self.objective.kind()
             );
         }
+        if let flowmap_objectives::ObjectiveConfig::Amed(a) = &self.objective {
+            ensure!(
+                a.grid == self.sampling.grid,
+                "objective.grid = {{ kind = {:?}, … }} (the grids the AMED predictor trains on) differs from sampling.grid = {{ kind = {:?}, … }} (the grids it samples): set both to the same grid",
+                a.grid.name(),
+                self.sampling.grid.name()
+            );
+        }
         self.sampler()?;
         Ok(())
     }
