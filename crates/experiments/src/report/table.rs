@@ -72,6 +72,12 @@ pub struct TableRow {
     /// step counts when the file is missing
     #[serde(default)]
     pub optimize_grid: Option<String>,
+    /// noise samples of that search (and as many held out); default 256
+    #[serde(default)]
+    pub grid_samples: Option<i64>,
+    /// uniform steps of its reference solution; default 128
+    #[serde(default)]
+    pub grid_reference_steps: Option<usize>,
 }
 
 /// What `run_table` produced.
@@ -174,7 +180,9 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>) -> Result<TableReport>
                 tracing::info!("== {}: searching the grid {} for steps {row_step_counts:?}", row.label, file.display());
                 let mut search_cfg = cfg.clone();
                 search_cfg.sampling.optimized_grid = None;
-                let req = crate::eval::optimized_grid::GridSearchRequest { weights: spec.table.weights, ..crate::eval::optimized_grid::GridSearchRequest::new(name, row_step_counts.clone()) };
+                let mut req = crate::eval::optimized_grid::GridSearchRequest { weights: spec.table.weights, ..crate::eval::optimized_grid::GridSearchRequest::new(name, row_step_counts.clone()) };
+                req.samples = row.grid_samples.unwrap_or(req.samples);
+                req.reference_steps = row.grid_reference_steps.unwrap_or(req.reference_steps);
                 crate::eval::optimized_grid::optimize_run_grid(&weights_dir, &search_cfg, &req, cfg.run.device.device()?).with_context(|| format!("row {:?}: optimize_grid = {name:?}", row.label))?;
             }
         }
