@@ -4,7 +4,7 @@
 //! velocity (the mean-value theorem: x_r = x_t − (t − r)·v(x_s, s) for some s in between) and a
 //! scale of the resulting direction. One step costs two network evaluations:
 //!   v_t = F(x_t, t, 0);  s = t − rf·(t − r);  x_s = x_t − (t − s)·v_t;
-//!   x_r = x_t − c_dir·(t − r)·F(x_s, c_time·s, 0).
+//!   x_r = x_t − c_dir·(t − r)·F(x_s, s, 0).
 //! Time runs from noise (t = 1) to data (t = 0) as everywhere in flowmap; the official code walks
 //! EDM's sigma downwards, so only the interpolation of s and the inputs differ (below).
 //!
@@ -23,10 +23,10 @@
 //!   s = t^(1−rf)·r^rf: flowmap's grids end at r = 0, where the geometric mean is 0 for every rf.
 //! * **No analytical first step (AFS)**: on flow-matching paths v(x, 1) = x − E[data] is not the
 //!   x/sigma the official AFS assumes, so every step costs two evaluations (NFE = 2·steps).
-//! * **Initialisation**: the three output heads start at zero, so an untrained predictor is the
-//!   midpoint rule (rf = 1/2, c_dir = c_time = 1); the official heads start random (Kaiming).
-//! * Output ranges are the official ones for `sampler_stu = "amed"`: rf ∈ (0, 1) (sigmoid),
-//!   c_dir ∈ (0.99, 1.01), c_time ∈ (0.8, 1.2); c_time·s is clamped to [0, 1].
+//! * **Initialisation**: the two output heads start at zero, so an untrained predictor is the
+//!   midpoint rule (rf = 1/2, c_dir = 1); the official heads start random (Kaiming).
+//! * Outputs as the official defaults (`train.py`: `scale_dir = 0.01`, `scale_time = 0`):
+//!   rf ∈ (0, 1) (sigmoid) and c_dir ∈ (0.99, 1.01); no scale of the time at s.
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -41,12 +41,9 @@ pub const AMED_TIME_FEATURES: i64 = 8;
 pub const AMED_HIDDEN: i64 = 128;
 /// Width of the encoded features (official `bottleneck_output_dim = 4`).
 pub const AMED_ENCODED: i64 = 4;
-/// c_dir = 0.99 + sigmoid(·)/50: `training/networks.py`, `scale_dir` for sampler_stu = "amed".
+/// c_dir ∈ [1 − 0.01, 1 + 0.01]: the official `train.py` default `--scale_dir 0.01`.
 const SCALE_DIR_MIN: f64 = 0.99;
 const SCALE_DIR_SPAN: f64 = 0.02;
-/// c_time = 0.8 + sigmoid(·)/2.5: `training/networks.py`, `scale_time`.
-const SCALE_TIME_MIN: f64 = 0.8;
-const SCALE_TIME_SPAN: f64 = 0.4;
 
 /// The step predictor's parameters (created under one `nn::Path`, so a run saves them with its
 /// objective's parameters and a sampler loads them by name).
@@ -57,7 +54,6 @@ pub struct AmedPredictor {
     enc1: nn::Linear,
     fc_r: nn::Linear,
     fc_scale_dir: nn::Linear,
-    fc_scale_time: nn::Linear,
 }
 
 /// What the predictor says for one step, each (B,) Float.
@@ -67,27 +63,18 @@ pub struct AmedChoice {
     pub s: Tensor,
     /// c_dir, the factor on the step's direction.
     pub scale_dir: Tensor,
-    /// c_time, the factor on the time the network sees at s.
-    pub scale_time: Tensor,
 }
 
 impl AmedPredictor {
     /// Creates the parameters under `p` (names: `map_time`, `enc0`, `enc1`, `fc_r`,
-    /// `fc_scale_dir`, `fc_scale_time`).
+    /// `fc_scale_dir`).
     pub fn new(p: &nn::Path) -> Self {
         let features = 2 * AMED_POOL + 2;
         let heads = 2 * AMED_TIME_FEATURES + AMED_ENCODED;
         let lin = |name: &str, i: i64, o: i64| nn::linear(p / name, i, o, Default::default());
-        // Zero heads: training starts from the midpoint rule (rf = 1/2, c_dir = c_time = 1).
+        // Zero heads: training starts from the midpoint rule (rf = 1/2, c_dir = 1).
         let head = |name: &str| nn::linear(p / name, heads, 1, nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true });
-        Self {
-            map_time: lin("map_time", AMED_TIME_FEATURES, AMED_TIME_FEATURES),
-            enc0: lin("enc0", features, AMED_HIDDEN),
-            enc1: lin("enc1", AMED_HIDDEN, AMED_ENCODED),
-            fc_r: head("fc_r"),
-            fc_scale_dir: head("fc_scale_dir"),
-            fc_scale_time: head("fc_scale_time"),
-        }
+        Self { map_time: lin("map_time", AMED_TIME_FEATURES, AMED_TIME_FEATURES), enc0: lin("enc0", features, AMED_HIDDEN), enc1: lin("enc1", AMED_HIDDEN, AMED_ENCODED), fc_r: head("fc_r"), fc_scale_dir: head("fc_scale_dir") }
     }
 
     /// (B, AMED_TIME_FEATURES) embedding of the time `t` for `b` rows.
@@ -116,8 +103,7 @@ impl AmedPredictor {
         let input = Tensor::cat(&[encoded, self.embed_time(t, b, device), self.embed_time(r, b, device)], 1);
         let rf = self.fc_r.forward(&input).sigmoid().squeeze_dim(1); // (B,)
         let scale_dir = self.fc_scale_dir.forward(&input).sigmoid().squeeze_dim(1) * SCALE_DIR_SPAN + SCALE_DIR_MIN;
-        let scale_time = self.fc_scale_time.forward(&input).sigmoid().squeeze_dim(1) * SCALE_TIME_SPAN + SCALE_TIME_MIN;
-        AmedChoice { s: rf * (r - t) + t, scale_dir, scale_time }
+        AmedChoice { s: rf * (r - t) + t, scale_dir }
     }
 }
 
@@ -131,8 +117,7 @@ pub fn amed_step(net: &dyn VelocityField, predictor: &AmedPredictor, x: &Tensor,
     let choice = predictor.predict(x, &v, t, r);
     let s = choice.s.to_kind(kind);
     let x_s = x - per_sample(&(-&s + t), x) * &v;
-    let t_eval = (&s * choice.scale_time.to_kind(kind)).clamp(0.0, 1.0);
-    let v_s = net.forward(&x_s, &t_eval, &zero, class);
+    let v_s = net.forward(&x_s, &s, &zero, class);
     x - per_sample(&choice.scale_dir.to_kind(kind), x) * v_s * (t - r)
 }
 

@@ -63,7 +63,7 @@ fn an_amed_run_trains_only_its_predictor_and_samples_with_it() {
         }
     }
     let predictor = latest(&amed, "objective");
-    assert!(predictor.keys().all(|k| k.starts_with("amed.")) && predictor.len() == 12, "{:?}", predictor.keys());
+    assert!(predictor.keys().all(|k| k.starts_with("amed.")) && predictor.len() == 10, "{:?}", predictor.keys());
     // The heads start at zero: three optimizer steps moved them.
     assert!(predictor["amed.fc_r.weight"].abs().max().double_value(&[]) > 0.0);
 

@@ -14,9 +14,9 @@ use flowmap_core::{amed_step, sample, AmedPredictor, GridKind, Interpolant, Inte
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-/// The official `M` for most of its settings (`train.py`: M = 1 with dpm/ipndm teachers … up to
-/// 3): extra teacher steps per student step; flowmap's teacher is Heun on a uniform subdivision.
-pub const AMED_TEACHER_SUBSTEPS: usize = 3;
+/// Extra teacher steps per student step: the official `train.py` default `--M 1` (teacher
+/// `heun`); flowmap's teacher is Heun on a uniform subdivision of each student step.
+pub const AMED_TEACHER_SUBSTEPS: usize = 1;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -30,7 +30,7 @@ pub struct AmedConfig {
     /// the student's grid for each step count (as `[sampling] grid`); default uniform
     #[serde(default)]
     pub grid: GridKind,
-    /// extra Heun teacher steps inside each student step (official `M`); default 3
+    /// extra Heun teacher steps inside each student step (official `M`); default 1
     #[serde(default = "default_substeps")]
     pub teacher_substeps: usize,
 }
