@@ -128,6 +128,8 @@ label = "Flow matching (Euler, optimised grid)"
 config = "{tiny}"
 run = "Flow matching (Euler)"
 optimize_grid = "ld3-euler"
+grid_samples = 16
+grid_reference_steps = 16
 
 [[rows]]
 label = "AMED"
