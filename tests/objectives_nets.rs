@@ -55,7 +55,9 @@ fn batch(x_shape: &[i64]) -> Batch {
 /// Every objective of `flowmap_objectives::every_objective()` whose network output matches these nets.
 fn check_all(label: &str, nets: &Three, x_shape: &[i64], learned_variance: bool, guidance_input: bool) {
     for Variant { name, config: cfg, step, .. } in every_objective().into_iter().filter(|v| v.learned_variance == learned_variance && v.guidance_input == guidance_input) {
-        let objective = cfg.build_for_batch(x_shape[0]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut objective = cfg.build_for_batch(x_shape[0]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let own = VarStore::new(Device::Cpu);
+        objective.init_params(&own.root()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let run = || {
             tch::manual_seed(42);
             let b = batch(x_shape);
@@ -75,6 +77,19 @@ fn check_all(label: &str, nets: &Three, x_shape: &[i64], learned_variance: bool,
             assert!(!m.requires_grad(), "{label}/{name}: metric {k} keeps a graph");
         }
         loss.value.backward();
+        if !objective.trains_model() {
+            // AMED: the loss trains only the objective's own parameters (through the frozen nets).
+            // Its output heads start at zero (the midpoint rule), so at the first step the
+            // gradient reaches the heads, and through them the rest once they move.
+            let heads: Vec<(String, Tensor)> = own.variables().into_iter().filter(|(n, _)| n.contains(".fc_")).collect();
+            assert_eq!(heads.len(), 4, "{label}/{name}: {:?}", own.variables().keys());
+            for (pname, v) in &heads {
+                assert!(v.grad().defined() && v.grad().abs().sum(Kind::Double).double_value(&[]) > 0.0, "{label}/{name}: no gradient reaches {pname}");
+            }
+            let again = run().value.double_value(&[]);
+            assert_eq!(value.to_bits(), again.to_bits(), "{label}/{name}: same seed, different loss ({value} vs {again})");
+            continue;
+        }
         let vars: Vec<(String, Tensor)> = nets.online.0.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
         let mut missing = vec![];
         for (pname, v) in &vars {

@@ -7,13 +7,17 @@
 //! * [`interpolant`]: paths and conversions between velocity, clean sample, noise and score;
 //! * [`time`]: training-time and (t, r) pair samplers;
 //! * [`sampling`]: the sampler over a time grid (one-step rules and multistep solvers);
+//! * [`amed`]: the AMED-Solver's learned step predictor and its sampler;
+//! * [`grid_search`]: time grids optimised for a trained model at a fixed number of steps;
 //! * [`grids`]: sampling time grids (uniform in t, in log-SNR, EDM's rho schedule);
 //! * [`guidance`]: classifier-free guidance as a wrapper; [`ema`]: the parameter EMA;
 //! * [`gaussian`]: exact fields for Gaussian data (tests);
 //! * [`net`]: the network trait; [`nfe`]: a wrapper that counts network evaluations.
+pub mod amed;
 pub mod config;
 pub mod ema;
 pub mod gaussian;
+pub mod grid_search;
 pub mod grids;
 pub mod guidance;
 pub mod interpolant;
@@ -22,9 +26,11 @@ pub mod nfe;
 pub mod sampling;
 pub mod time;
 
+pub use amed::{amed_sample, amed_step, AmedPredictor};
 pub use config::NoParams;
 pub use ema::Ema;
 pub use gaussian::{ExactAverageVelocity, ExactEps, ExactTrigFlowJump, ExactVelocity, GaussianData};
+pub use grid_search::{grid_error, search_grid, SearchedGrid};
 pub use grids::{edm_grid, logsnr_grid, GridKind};
 pub use guidance::Guided;
 pub use interpolant::{DdpmConfig, DdpmSchedule, Interpolant, InterpolantConfig, Linear, SigmaMinConfig, TrigFlow, TrigFlowConfig, VpCosine, VpCosineConfig, VpLinearBeta};

@@ -69,6 +69,11 @@ pub enum StepRule {
     /// corrector reuses the evaluation at the predicted point that the next step needs anyway.
     /// See [`unipc`].
     UniPc { reads: Reads },
+    /// AMED-Solver (arXiv 2312.00094, [`crate::amed`]): F read as velocity; a learned predictor
+    /// picks the intermediate time of each step. Two NFEs per step. It needs the predictor's
+    /// weights, which a `StepRule` cannot hold: sample with [`crate::amed::amed_sample`] (the
+    /// experiments' `Sampler` does); [`sample`] refuses it.
+    Amed,
 }
 
 /// How a multistep solver reads the network's output F(x_t, t, 0) to get the data prediction x̂
@@ -101,11 +106,12 @@ pub enum RuleName {
     #[serde(rename = "unipc")]
     UniPc,
     TrigFlow,
+    Amed,
 }
 
 impl RuleName {
     /// Every rule, in declaration order.
-    pub const ALL: [RuleName; 11] = [Self::Euler, Self::Heun, Self::Jump, Self::Ddim, Self::DdpmAncestral, Self::Sde, Self::Renoise, Self::DpmSolverPp2M, Self::DpmSolverPp3M, Self::UniPc, Self::TrigFlow];
+    pub const ALL: [RuleName; 12] = [Self::Euler, Self::Heun, Self::Jump, Self::Ddim, Self::DdpmAncestral, Self::Sde, Self::Renoise, Self::DpmSolverPp2M, Self::DpmSolverPp3M, Self::UniPc, Self::TrigFlow, Self::Amed];
 
     /// The name configs use (`"ddpm_ancestral"`).
     pub fn name(self) -> &'static str {
@@ -121,6 +127,7 @@ impl RuleName {
             Self::DpmSolverPp3M => "dpm_solver_pp_3m",
             Self::UniPc => "unipc",
             Self::TrigFlow => "trig_flow",
+            Self::Amed => "amed",
         }
     }
 
@@ -161,6 +168,7 @@ impl RuleName {
             Self::Sde => StepRule::Sde { diffusion: diffusion.ok_or_else(|| anyhow::anyhow!("the sde rule needs a diffusion coefficient g(t)"))? },
             Self::Renoise => StepRule::Renoise,
             Self::TrigFlow => StepRule::TrigFlow,
+            Self::Amed => StepRule::Amed,
         })
     }
 }
@@ -180,6 +188,17 @@ impl StepRule {
             Self::DpmSolverPp3M { .. } => RuleName::DpmSolverPp3M,
             Self::UniPc { .. } => RuleName::UniPc,
             Self::TrigFlow => RuleName::TrigFlow,
+            Self::Amed => RuleName::Amed,
+        }
+    }
+
+    /// Network evaluations per step (per sample, without guidance): 2 for Heun (its corrector
+    /// runs on every step) and AMED, 1 for the others. The counted NFE ([`crate::NfeCounter`]) is
+    /// what reports use; this plans the step count of an NFE budget.
+    pub fn nfe_per_step(&self) -> usize {
+        match self {
+            Self::Heun | Self::Amed => 2,
+            _ => 1,
         }
     }
 }
@@ -211,7 +230,7 @@ impl Prediction {
         use RuleName::*;
         match self {
             Self::Eps => &[Ddim, DdpmAncestral, DpmSolverPp2M, DpmSolverPp3M, UniPc],
-            Self::Velocity => &[Euler, Heun, Sde, DpmSolverPp2M, DpmSolverPp3M, UniPc],
+            Self::Velocity => &[Euler, Heun, Sde, DpmSolverPp2M, DpmSolverPp3M, UniPc, Amed],
             Self::AverageVelocity => &[Jump, Euler, Heun, Sde, Renoise],
             Self::JumpToData => &[Renoise],
             Self::TrigFlowJump => &[TrigFlow],
@@ -343,6 +362,7 @@ pub fn sample(net: &dyn VelocityField, path: &dyn Interpolant, noise: Tensor, cl
         StepRule::DpmSolverPp2M { reads } => return dpm_solver_pp(net, path, noise, class, grid, reads, 2),
         StepRule::DpmSolverPp3M { reads } => return dpm_solver_pp(net, path, noise, class, grid, reads, 3),
         StepRule::UniPc { reads } => return unipc(net, path, noise, class, grid, reads),
+        StepRule::Amed => panic!("the amed rule needs its trained predictor: sample with flowmap_core::amed::amed_sample"),
         _ => {}
     }
     let c = GridCoefficients::new(path, grid);
@@ -415,7 +435,7 @@ pub fn sample(net: &dyn VelocityField, path: &dyn Interpolant, noise: Tensor, cl
                         drift
                     }
                 }
-                StepRule::DpmSolverPp2M { .. } | StepRule::DpmSolverPp3M { .. } | StepRule::UniPc { .. } => unreachable!("multistep rules return above"),
+                StepRule::DpmSolverPp2M { .. } | StepRule::DpmSolverPp3M { .. } | StepRule::UniPc { .. } | StepRule::Amed => unreachable!("multistep and amed rules return above"),
                 StepRule::Renoise => {
                     let u = net.forward(&x, &t_b, &t_b, class);
                     let x_hat = &x - u * t;

@@ -103,3 +103,47 @@ fn predictions_accept_the_rules_that_read_them() {
         assert!([Prediction::Eps, Prediction::Velocity, Prediction::AverageVelocity, Prediction::JumpToData, Prediction::TrigFlowJump].iter().any(|p| p.accepts(r)), "{r:?}");
     }
 }
+
+#[test]
+fn amed_costs_two_per_step_and_is_counted() {
+    use flowmap_core::{amed_sample, AmedPredictor};
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let predictor = AmedPredictor::new(&vs.root());
+    let base = (|x: &Tensor, t: &Tensor, _h: &Tensor, _c: &Tensor| x * 0.5 + t.reshape([-1, 1]), 3i64);
+    let b = 5;
+    let noise = Tensor::randn([b, 2], (Kind::Float, Device::Cpu));
+    let class = Tensor::zeros([b], (Kind::Int64, Device::Cpu));
+    for steps in [1, 2, 5] {
+        let counter = NfeCounter::new(&base);
+        let x = amed_sample(&counter, &predictor, noise.copy(), &class, &uniform_grid(steps));
+        assert_eq!((counter.nfe(b), counter.calls()), (2.0 * steps as f64, 2 * steps as u64), "{steps} steps");
+        assert_eq!(StepRule::Amed.nfe_per_step() * steps, counter.calls() as usize);
+        assert_eq!(x.size(), [b, 2]);
+        // Guided: one call of 2B rows per evaluation, two evaluations per sample and call.
+        let counter = NfeCounter::new(&base);
+        let _ = amed_sample(&Guided::new(&counter, 1.5), &predictor, noise.copy(), &class, &uniform_grid(steps));
+        assert_eq!((counter.nfe(b), counter.calls()), (4.0 * steps as f64, 2 * steps as u64), "{steps} guided steps");
+    }
+}
+
+#[test]
+fn a_non_uniform_grid_costs_what_its_steps_cost() {
+    // An optimised grid is only a list of times: its NFE is steps × the rule's cost per step.
+    let grid = [1.0, 0.83, 0.41, 0.07, 0.0];
+    for rule in [StepRule::Euler, StepRule::Heun, StepRule::DpmSolverPp2M { reads: flowmap_core::Reads::Velocity }, StepRule::UniPc { reads: flowmap_core::Reads::Velocity }] {
+        let base = net();
+        let counter = NfeCounter::new(&base);
+        let (noise, class) = inputs(4);
+        let _ = sample(&counter, &Linear::new(), noise, &class, &grid, rule);
+        assert_eq!(counter.nfe(4), (rule.nfe_per_step() * 4) as f64, "{rule:?}");
+    }
+}
+
+#[test]
+fn sample_refuses_the_amed_rule_without_its_predictor() {
+    let base = net();
+    let (noise, class) = inputs(2);
+    let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sample(&base, &Linear::new(), noise, &class, &uniform_grid(2), StepRule::Amed))).unwrap_err();
+    let msg = e.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| e.downcast_ref::<String>().cloned()).unwrap_or_default();
+    assert!(msg.contains("amed_sample"), "{msg}");
+}

@@ -69,7 +69,7 @@ set = ["objective.kind=mean_flow", "sampling.rule=jump"]
     let fid = flowmap(&["fid", "--run", run, "--steps", "2", "--num-samples", "4", "--ref-images", "6"]);
     assert!(fid.starts_with("steps,eval_seed,fid,kid\n2,0,"), "{fid}");
     let plots = flowmap(&["plot", "--run", run, "--run", out.join("flow-matching").to_str().unwrap(), "--out", dir.path().join("plots").to_str().unwrap()]);
-    assert!(plots.contains("fid_vs_steps.svg") && plots.contains("loss.png"), "{plots}");
+    assert!(plots.contains("fid_vs_steps.svg") && plots.contains("fid_vs_nfe.png") && plots.contains("loss.png"), "{plots}");
 }
 
 #[test]
@@ -120,4 +120,93 @@ fn table_jobs_trains_rows_in_child_processes_and_names_a_failed_row() {
         assert!(log.contains("at step 5 (Finished)"), "{row}: {log}");
         assert!(out.join(row).join("checkpoints/LATEST").exists(), "{row}: no checkpoint");
     }
+}
+
+#[test]
+fn an_nfe_table_puts_solvers_amed_and_an_optimised_grid_next_to_a_one_step_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/tiny_cpu.toml").canonicalize().unwrap();
+    let out = dir.path().join("table");
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"[table]
+name = "tiny NFE"
+out_dir = "{out}"
+nfe = [1, 2, 4]
+set = ["run.steps=6", "run.checkpoint_every=0"]
+
+[eval]
+num_samples = 4
+batch = 4
+[eval.reference]
+split = "test"
+num_images = 6
+
+[[rows]]
+label = "Flow matching (Euler)"
+config = "{tiny}"
+
+[[rows]]
+label = "Flow matching (Heun)"
+config = "{tiny}"
+run = "Flow matching (Euler)"
+set = ["sampling.rule=heun"]
+
+[[rows]]
+label = "Flow matching (Euler, optimised grid)"
+config = "{tiny}"
+run = "Flow matching (Euler)"
+optimize_grid = "ld3-euler"
+grid_samples = 16
+grid_reference_steps = 16
+
+[[rows]]
+label = "AMED"
+config = "{tiny}"
+set = ["objective={{ kind = \"amed\", steps = [1, 2], teacher_substeps = 1 }}", "teacher={{ run = \"{out}/flow-matching-euler\", init_student = true }}", "sampling.rule=amed", "run.steps=2"]
+
+[[rows]]
+label = "MeanFlow"
+config = "{tiny}"
+set = ["objective.kind=mean_flow", "sampling.rule=jump"]
+"#,
+            out = out.display(),
+            tiny = tiny.display()
+        ),
+    )
+    .unwrap();
+    let stdout = flowmap(&["table", spec.to_str().unwrap()]);
+    assert!(stdout.contains("| NFE 1 | NFE 2 | NFE 4 |"), "{stdout}");
+    for f in ["table.md", "table.csv", "fid_vs_nfe.png", "fid_vs_nfe.svg", "fid_vs_steps.png"] {
+        assert!(out.join(f).metadata().map(|m| m.len() > 0).unwrap_or(false), "{f} missing");
+    }
+    // (label, steps, counted nfe) of every cell: Heun and AMED spend 2 per step and have no NFE-1 cell.
+    let csv = std::fs::read_to_string(out.join("table.csv")).unwrap();
+    let mut cells: Vec<(String, usize, f64)> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let label = l.split('"').nth(1).unwrap().to_string();
+            let f: Vec<&str> = l.rsplitn(10, ',').collect::<Vec<_>>().into_iter().rev().collect();
+            (label, f[1].parse().unwrap(), f[8].parse().unwrap())
+        })
+        .collect();
+    cells.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let expect = |label: &str, v: &[(usize, f64)]| {
+        let got: Vec<(usize, f64)> = cells.iter().filter(|c| c.0 == label).map(|c| (c.1, c.2)).collect();
+        assert_eq!(got, v, "{label}: {csv}");
+    };
+    expect("Flow matching (Euler)", &[(1, 1.0), (2, 2.0), (4, 4.0)]);
+    expect("Flow matching (Heun)", &[(1, 2.0), (2, 4.0)]);
+    expect("Flow matching (Euler, optimised grid)", &[(1, 1.0), (2, 2.0), (4, 4.0)]);
+    expect("AMED", &[(1, 2.0), (2, 4.0)]);
+    expect("MeanFlow", &[(1, 1.0), (2, 2.0), (4, 4.0)]);
+    // The sampling rows trained nothing; their rows live in their own folders, the grid under the run.
+    assert!(!out.join("flow-matching-heun/checkpoints").exists());
+    assert!(out.join("flow-matching-heun/fid.csv").exists());
+    assert!(out.join("flow-matching-euler/grids/ld3-euler.toml").exists());
+    let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(md.contains("| Flow matching (Heun) (NFE = 2×steps) | – |"), "{md}");
 }

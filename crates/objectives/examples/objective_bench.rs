@@ -32,6 +32,8 @@ fn main() -> anyhow::Result<()> {
         opt: nn::Optimizer,
         times: Vec<f64>,
         failure: Option<String>,
+        /// The objective's own parameters (AMED's predictor), kept alive beside it.
+        _params: VarStore,
     }
     let mut entries = vec![];
     for Variant { name, config: cfg, step, learned_variance, guidance_input } in every_objective() {
@@ -44,7 +46,10 @@ fn main() -> anyhow::Result<()> {
         };
         let nets = [make()?, make()?, make()?];
         let opt = nn::AdamW::default().build(&nets[0].0, 1e-4)?;
-        entries.push(Entry { name, objective: cfg.build_for_batch(BATCH)?, step, nets, opt, times: vec![], failure: None });
+        let mut objective = cfg.build_for_batch(BATCH)?;
+        let params = VarStore::new(Device::Cpu);
+        objective.init_params(&params.root())?;
+        entries.push(Entry { name, objective, step, nets, opt, times: vec![], failure: None, _params: params });
     }
     for round in 0..WARMUP + steps {
         for e in entries.iter_mut().filter(|e| e.failure.is_none()) {

@@ -5,7 +5,7 @@ use crate::*;
 
 impl ObjectiveConfig {
     /// Every `kind` an `[objective]` table can name (one per variant of [`ObjectiveConfig`]).
-    pub const KINDS: [&'static str; 14] = [
+    pub const KINDS: [&'static str; 15] = [
         "flow_matching",
         "ddpm",
         "consistency_training",
@@ -20,6 +20,7 @@ impl ObjectiveConfig {
         "split_mean_flow",
         "scm_training",
         "scm_distillation",
+        "amed",
     ];
 
     /// The `kind` of this config, as TOML writes it. A new variant must be named here and in
@@ -40,6 +41,7 @@ impl ObjectiveConfig {
             Self::SplitMeanFlow(_) => "split_mean_flow",
             Self::ScmTraining(_) => "scm_training",
             Self::ScmDistillation(_) => "scm_distillation",
+            Self::Amed(_) => "amed",
         }
     }
 }
@@ -98,5 +100,6 @@ pub fn every_objective() -> Vec<Variant> {
             O::ScmDistillation(ScmConfig { teacher_prediction: Some(TeacherPrediction::Eps), teacher_path: Some(InterpolantConfig::VpCosine(Default::default())), teacher_cfg_scale: Some(1.5), ..Default::default() }),
             20_000,
         ),
+        v("amed", O::Amed(AmedConfig { steps: vec![1, 2], teacher_substeps: 1, ..Default::default() }), 0),
     ]
 }

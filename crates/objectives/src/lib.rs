@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 pub mod alpha_flow;
+pub mod amed;
 pub mod catalog;
 pub mod consistency;
 pub mod ddpm;
@@ -24,6 +25,7 @@ pub mod split_mean_flow;
 pub mod weighting;
 
 pub use alpha_flow::{AlphaCurve, AlphaFlow, AlphaFlowConfig, AlphaSchedule};
+pub use amed::{Amed, AmedConfig};
 pub use catalog::{every_objective, Variant};
 pub use consistency::{ConsistencyDistillation, ConsistencyDistillationConfig, ConsistencyTraining, ConsistencyTrainingConfig};
 pub use ddpm::{Ddpm, DdpmObjectiveConfig, DdpmVariance};
@@ -96,6 +98,12 @@ pub trait Objective: Send {
     /// take them (`model.guidance_conditioning = true`).
     fn needs_guidance_input(&self) -> bool {
         false
+    }
+    /// Whether the loss trains the run's network. `false` for objectives that learn only their
+    /// own parameters around a frozen network (AMED's step predictor): the trainer then freezes
+    /// the model, so neither the optimizer (weight decay included) nor the EMA changes it.
+    fn trains_model(&self) -> bool {
+        true
     }
     /// Whether every batch must carry stored (noise, sample) couplings (`Batch::noise`): two-stage
     /// reflow trains on pairs made by `flowmap reflow-pairs`.
@@ -190,6 +198,7 @@ pub enum ObjectiveConfig {
     SplitMeanFlow(SplitMeanFlowConfig),
     ScmTraining(ScmConfig),
     ScmDistillation(ScmConfig),
+    Amed(AmedConfig),
 }
 
 impl ObjectiveConfig {
@@ -210,6 +219,7 @@ impl ObjectiveConfig {
             Self::SplitMeanFlow(c) => Box::new(c.build()?),
             Self::ScmTraining(c) => Box::new(c.build(false)?),
             Self::ScmDistillation(c) => Box::new(c.build(true)?),
+            Self::Amed(c) => Box::new(c.build()?),
         })
     }
 
@@ -229,6 +239,7 @@ impl ObjectiveConfig {
             Self::AlphaFlow(c) => c.default_sampler(),
             Self::SplitMeanFlow(c) => c.default_sampler(),
             Self::ScmTraining(c) | Self::ScmDistillation(c) => c.default_sampler(),
+            Self::Amed(c) => c.default_sampler(),
         }
     }
 

@@ -2,7 +2,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use flowmap_experiments::cli::{Cli, Command};
-use flowmap_experiments::eval::{evaluator, fid, sample_export};
+use flowmap_experiments::eval::{evaluator, fid, optimized_grid, sample_export};
 use flowmap_experiments::report::table;
 use flowmap_experiments::run::run_dir;
 use flowmap_experiments::train;
@@ -32,14 +32,20 @@ fn main() -> Result<()> {
             let s = train::train(&cfg, &table, &opts)?;
             println!("{} at step {} ({:?}); run directory {}", cfg.run.name, s.step, s.outcome, s.run_dir.display());
         }
-        Command::Sample { run, steps, num, weights, cfg_scale, class, seed, out } => {
-            let cfg = read_run_config(&run)?;
+        Command::Sample { run, steps, num, weights, cfg_scale, class, seed, out, grid } => {
+            let mut cfg = read_run_config(&run)?;
+            if grid.is_some() {
+                cfg.sampling.optimized_grid = grid;
+            }
             let req = sample_export::SampleRequest { steps, num, weights, cfg_scale, class, seed, out };
             let out = sample_export::sample_run(&run, &cfg, &req, cfg.run.device.device()?)?;
             println!("samples in {}", out.display());
         }
-        Command::Fid { run, steps, num_samples, weights, tf, ref_npz, ref_images, seeds } => {
-            let cfg = read_run_config(&run)?;
+        Command::Fid { run, steps, num_samples, weights, tf, ref_npz, ref_images, seeds, grid } => {
+            let mut cfg = read_run_config(&run)?;
+            if grid.is_some() {
+                cfg.sampling.optimized_grid = grid;
+            }
             let mut ev = cfg.eval.clone().unwrap_or(evaluator::EvalConfig { num_samples: 1000, steps: None, reference: Default::default(), preprocess: Default::default(), kid: true, batch: 100, every: 0, seeds: 1 });
             if let Some(n) = num_samples {
                 ev.num_samples = n;
@@ -102,6 +108,16 @@ fn main() -> Result<()> {
             let req = flowmap_experiments::cli::reflow_pairs::PairsRequest { count, steps, batch, weights };
             flowmap_experiments::cli::reflow_pairs::make_pairs(&teacher, &cfg, &req, &out, cfg.run.device.device()?)?;
             println!("{}", out.display());
+        }
+        Command::OptimizeGrid { run, name, steps, rule, samples, reference_steps, sweeps, probes, weights } => {
+            let cfg = read_run_config(&run)?;
+            let req = optimized_grid::GridSearchRequest { name, steps, rule, samples, reference_steps, sweeps, probes, weights };
+            let (path, file) = optimized_grid::optimize_run_grid(&run, &cfg, &req, cfg.run.device.device()?)?;
+            println!("steps,times,held_out_error,held_out_start_error");
+            for g in &file.grids {
+                println!("{},{:?},{:.5e},{:.5e}", g.steps, g.times, g.held_out_error, g.held_out_start_error);
+            }
+            println!("grid file {}", path.display());
         }
         Command::Demo2d { out, seeds, steps, toy } => {
             let toys = if toy.is_empty() { flowmap_experiments::demo::toy_data::Toy::ALL.to_vec() } else { toy };

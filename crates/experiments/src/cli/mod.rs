@@ -16,6 +16,12 @@ use crate::train::Resume;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// A sampling rule by its config name (`euler`, `dpm_solver_pp_2m`, …).
+fn parse_rule(s: &str) -> Result<flowmap_core::RuleName, String> {
+    let names: Vec<&str> = flowmap_core::RuleName::ALL.iter().map(|r| r.name()).collect();
+    flowmap_core::RuleName::ALL.iter().copied().find(|r| r.name() == s).ok_or_else(|| format!("unknown rule {s:?}; one of {}", names.join(", ")))
+}
+
 #[derive(Parser)]
 #[command(name = "flowmap", version, about = "Few-step and one-step generative models on libtorch")]
 pub struct Cli {
@@ -113,6 +119,10 @@ pub enum Command {
         seed: u64,
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Walk the optimised grid `<run>/grids/<NAME>.toml` (`flowmap optimize-grid`) instead of
+        /// the run's `[sampling]` grid (sets sampling.optimized_grid).
+        #[arg(long, value_name = "NAME")]
+        grid: Option<String>,
     },
     /// N samples per step count as an ADM sample batch (`samples_NxHxWx3.npz`: arr_0 uint8 NHWC,
     /// arr_1 labels), written in shards (resumable; sharded over ranks under `flowmap launch`).
@@ -237,6 +247,40 @@ pub enum Command {
         /// Evaluation seeds (each its own noise, one row each; default: eval.seeds or 1).
         #[arg(long)]
         seeds: Option<u64>,
+        /// Walk the optimised grid `<run>/grids/<NAME>.toml` (sets sampling.optimized_grid).
+        #[arg(long, value_name = "NAME")]
+        grid: Option<String>,
+    },
+    /// Search a time grid for a trained run at fixed step counts (minimising the distance of the
+    /// samples to a many-step reference solution on held-out noise) and save it as
+    /// `<run>/grids/<NAME>.toml`, for `[sampling] optimized_grid = "NAME"` or `--grid NAME`.
+    #[command(name = "optimize-grid")]
+    OptimizeGrid {
+        #[arg(long)]
+        run: PathBuf,
+        /// The grid's name (a file stem).
+        #[arg(long)]
+        name: String,
+        /// Step counts, one grid each (1..=64).
+        #[arg(long, value_delimiter = ',', required = true)]
+        steps: Vec<usize>,
+        /// The rule the grid is for (default: the run's sampling rule): euler, heun, dpm_solver_pp_2m, …
+        #[arg(long, value_parser = parse_rule)]
+        rule: Option<flowmap_core::RuleName>,
+        /// Noise samples of the fit (as many again are held out).
+        #[arg(long, default_value_t = 256)]
+        samples: i64,
+        /// Uniform steps of the reference solution.
+        #[arg(long, default_value_t = 128)]
+        reference_steps: usize,
+        /// Coordinate sweeps over the grid's interior times.
+        #[arg(long, default_value_t = 3)]
+        sweeps: usize,
+        /// Golden-section evaluations per time and sweep (>= 2).
+        #[arg(long, default_value_t = 8)]
+        probes: usize,
+        #[arg(long, value_enum, default_value = "ema")]
+        weights: Weights,
     },
     /// The demo's 2-D part: flow matching, Shortcut, MeanFlow and consistency training on 2-D
     /// distributions (MLP), sampled at 1-16 steps; scatter figures and a sliced-W1 table.

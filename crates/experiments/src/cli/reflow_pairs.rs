@@ -48,7 +48,9 @@ pub fn make_pairs(run: &Path, cfg: &ExperimentConfig, req: &PairsRequest, out: &
         next += n;
         c
     };
-    let sampler = cfg.sampler()?;
+    let mut sampler = cfg.sampler()?;
+    sampler.attach_run(run, device)?;
+    sampler.check_steps(&[steps])?;
     rng::reseed(cfg.run.seed, 0, Stream::Eval);
     let pairs = generate_pairs(count, batch, &cfg.model.sample_shape(), device, classes, |noise, class| sampler.generate(net.net.as_ref(), noise.shallow_clone(), class, steps), Some(out))?;
     tracing::info!("{count} couplings ({steps} steps; {sampler}) written to {}", out.display());

@@ -275,6 +275,22 @@ impl ExperimentConfig {
             "model.guidance_conditioning = true but objective.kind = {:?} does not train the guidance inputs (only improved_mean_flow with an [objective.guidance] table does): sampling would pass sampling.cfg_scale to inputs the network never learned; set model.guidance_conditioning = false",
             self.objective.kind()
         );
+        if !objective.trains_model() {
+            // The run samples with its own (frozen) weights: they must be the teacher's.
+            ensure!(
+                self.teacher.as_ref().is_some_and(|t| t.init_student),
+                "objective.kind = {:?} trains only its own parameters around the frozen teacher: set teacher.init_student = true so the run's weights are the teacher's",
+                self.objective.kind()
+            );
+        }
+        if let flowmap_objectives::ObjectiveConfig::Amed(a) = &self.objective {
+            ensure!(
+                a.grid == self.sampling.grid,
+                "objective.grid = {{ kind = {:?}, … }} (the grids the AMED predictor trains on) differs from sampling.grid = {{ kind = {:?}, … }} (the grids it samples): set both to the same grid",
+                a.grid.name(),
+                self.sampling.grid.name()
+            );
+        }
         self.sampler()?;
         Ok(())
     }

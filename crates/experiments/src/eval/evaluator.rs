@@ -255,11 +255,22 @@ impl Evaluator {
 /// Evaluates the newest complete checkpoint of a trained run (see [`Evaluator::evaluate`]).
 /// `eval` and `steps` are checked first (nothing is loaded, computed or written on an error).
 pub fn evaluate_run(run: &Path, run_cfg: &EvalInputs, eval: &EvalConfig, weights: Weights, steps: &[usize], device: Device) -> Result<Vec<FidRow>> {
+    evaluate_run_into(run, run, run_cfg, eval, weights, steps, device)
+}
+
+/// [`evaluate_run`] of the weights (and AMED predictor or optimised grid) of `run`, with the
+/// rows appended to `csv_dir`'s `fid.csv`: `flowmap table` rows that sample one trained run with
+/// several samplers keep their rows apart.
+pub fn evaluate_run_into(run: &Path, csv_dir: &Path, run_cfg: &EvalInputs, eval: &EvalConfig, weights: Weights, steps: &[usize], device: Device) -> Result<Vec<FidRow>> {
     check_steps(steps, "--steps")?;
     eval.validate()?;
     let ck = crate::run::checkpoint::CheckpointDir::new(RunDir::new(run).checkpoints(), 1).latest()?.with_context(|| format!("{} has no complete checkpoint to evaluate", run.display()))?;
     let world = World::global(device)?;
     let device = world.device(device);
+    let mut sampler = run_cfg.sampler.clone();
+    sampler.attach_run(run, device)?;
+    sampler.check_steps(steps)?;
+    let inputs = EvalInputs { model: run_cfg.model, data: run_cfg.data, vae: run_cfg.vae, sampler, seed: run_cfg.seed };
     let net = load_run_weights(run, run_cfg.model, weights, device)?;
-    Evaluator::new(run_cfg, eval, world, device)?.evaluate(run_cfg, net.net.as_ref(), weights, ck.step, steps, run, device)
+    Evaluator::new(&inputs, eval, world, device)?.evaluate(&inputs, net.net.as_ref(), weights, ck.step, steps, csv_dir, device)
 }

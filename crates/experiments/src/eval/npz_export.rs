@@ -159,6 +159,8 @@ pub fn export_samples(run: &Path, cfg: &ExperimentConfig, req: &ExportRequest, d
     if let Some(w) = req.cfg_scale {
         sampler.cfg_scale = w;
     }
+    sampler.attach_run(run, device)?;
+    sampler.check_steps(&req.steps)?;
     let vae = crate::data::vae::for_run(&cfg.vae, &cfg.data).map(|v| v.load(device)).transpose()?;
     let num_classes = cfg.data.num_classes();
     let shape = cfg.model.sample_shape();

@@ -54,6 +54,8 @@ pub fn sample_run(run: &Path, cfg: &ExperimentConfig, req: &SampleRequest, devic
     if let Some(w) = req.cfg_scale {
         sampler.cfg_scale = w;
     }
+    sampler.attach_run(run, device)?;
+    sampler.check_steps(&req.steps)?;
     let num_classes = cfg.data.num_classes();
     // Latent runs are decoded with the run's VAE before they are saved.
     let vae = crate::data::vae::for_run(&cfg.vae, &cfg.data).map(|v| v.load(device)).transpose()?;

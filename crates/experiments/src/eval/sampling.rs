@@ -4,11 +4,14 @@
 //! `ObjectiveConfig::default_sampler`); `[sampling].rule` and `.path` are optional overrides,
 //! checked against it. [`SamplingConfig::resolve`] is the one place that combines the two: every
 //! caller samples through the [`Sampler`] it returns (`ExperimentConfig::sampler`).
+use crate::eval::amed_weights::AmedWeights;
+use crate::eval::optimized_grid::GridFile;
 use anyhow::{ensure, Context, Result};
-use flowmap_core::{check_grid, sample, Diffusion, GridKind, Guided, InterpolantConfig, NfeCounter, RuleName, StepRule, VelocityField};
+use flowmap_core::{amed_sample, check_grid, sample, Diffusion, GridKind, Guided, InterpolantConfig, NfeCounter, RuleName, StepRule, VelocityField};
 use flowmap_objectives::ObjectiveConfig;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// Which weights generate.
@@ -33,8 +36,9 @@ impl Weights {
 #[serde(deny_unknown_fields)]
 pub struct SamplingConfig {
     /// euler | heun | jump | ddim | ddpm_ancestral | sde | renoise | dpm_solver_pp_2m |
-    /// dpm_solver_pp_3m | unipc | trig_flow; default: the objective's (flow_matching, reflow:
-    /// euler; ddpm: ddim; consistency_*: renoise; scm_*: trig_flow; the others: jump). The multistep solvers read velocity
+    /// dpm_solver_pp_3m | unipc | trig_flow | amed (runs of objective.kind = "amed" only); default:
+    /// the objective's (flow_matching, reflow: euler; ddpm: ddim; consistency_*: renoise; scm_*:
+    /// trig_flow; the others: jump). The multistep solvers read velocity
     /// (flow_matching, reflow) or eps (ddpm) models.
     #[serde(default)]
     pub rule: Option<RuleName>,
@@ -57,6 +61,10 @@ pub struct SamplingConfig {
     /// scm_*: [1, 2·objective.mid_tau/π, 0] (sCM's 2-step sampler)
     #[serde(default)]
     pub time_grid: Option<Vec<f64>>,
+    /// the name of a grid file `<run>/grids/<name>.toml` made by `flowmap optimize-grid`: its
+    /// grids are walked at their step counts (every sampled step count needs one); default none
+    #[serde(default)]
+    pub optimized_grid: Option<String>,
     /// classifier-free guidance w; 1 = none
     #[serde(default = "one")]
     pub cfg_scale: f64,
@@ -121,6 +129,10 @@ impl SamplingConfig {
         if let Some(path) = &self.path {
             path.validate().context("sampling.path")?;
         }
+        if let Some(name) = &self.optimized_grid {
+            crate::eval::optimized_grid::check_name(name, "sampling.optimized_grid")?;
+            ensure!(self.time_grid.is_none(), "sampling.optimized_grid and sampling.time_grid are both set: choose one explicit grid");
+        }
         Ok(())
     }
 
@@ -142,6 +154,10 @@ impl SamplingConfig {
         }
         let rule = self.rule.unwrap_or(native.rule);
         ensure!(
+            rule != RuleName::Amed || native.rule == RuleName::Amed,
+            "sampling.rule = \"amed\" needs a trained AMED step predictor, which objective.kind = {kind:?} does not train: train one with objective.kind = \"amed\" and this run as [teacher] (see the README), and sample that run"
+        );
+        ensure!(
             native.prediction.accepts(rule),
             "sampling.rule = {:?} cannot sample objective.kind = {kind:?}: its network predicts {}, which the rules {} read ({} by default); leave sampling.rule out or choose one of them",
             rule.name(),
@@ -152,7 +168,16 @@ impl SamplingConfig {
         let step_rule = rule.step_rule_for(native.prediction, self.diffusion).context("sampling.rule = \"sde\" needs sampling.diffusion")?;
         // The objective's own grid (sCM's 2-step τ_mid) unless the section names one.
         let time_grid = self.time_grid.clone().or_else(|| objective.default_time_grid());
-        Ok(Sampler { path: native.path, rule: step_rule, cfg_scale: self.cfg_scale, cfg_interval: self.cfg_interval.map(|[lo, hi]| (lo, hi)), grid: self.grid, time_grid })
+        Ok(Sampler {
+            path: native.path,
+            rule: step_rule,
+            cfg_scale: self.cfg_scale,
+            cfg_interval: self.cfg_interval.map(|[lo, hi]| (lo, hi)),
+            grid: self.grid,
+            time_grid,
+            optimized_grid: self.optimized_grid.clone().map(|name| NamedGrid { name, file: None }),
+            amed: None,
+        })
     }
 }
 
@@ -179,6 +204,18 @@ pub struct Sampler {
     pub grid: GridKind,
     /// walked instead of `grid` when its number of steps is sampled
     pub time_grid: Option<Vec<f64>>,
+    /// `[sampling] optimized_grid`: its file is read by [`Self::attach_run`]
+    pub optimized_grid: Option<NamedGrid>,
+    /// the AMED predictor of the `amed` rule, loaded by [`Self::attach_run`] (or set by the
+    /// trainer from its live parameters)
+    pub amed: Option<AmedWeights>,
+}
+
+/// An optimised grid by name, and its file once read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedGrid {
+    pub name: String,
+    pub file: Option<GridFile>,
 }
 
 /// Samples and what they cost.
@@ -193,6 +230,9 @@ impl Sampler {
     /// The times of a `steps`-step sampling (`steps` >= 1, which every caller's input check
     /// ensures): the explicit grid if it has `steps` steps, `grid` on the path otherwise.
     pub fn grid(&self, steps: usize) -> Vec<f64> {
+        if let Some(times) = self.optimized_grid.as_ref().and_then(|g| g.file.as_ref()).and_then(|f| f.times(steps)) {
+            return times.to_vec();
+        }
         match &self.time_grid {
             Some(g) if g.len() == steps + 1 => g.clone(),
             _ => self.grid.times(self.path.build().as_ref(), steps),
@@ -207,8 +247,47 @@ impl Sampler {
         // The counter sits inside the guidance wrapper, so the one 2B-row guided call counts 2.
         let counter = NfeCounter::new(net);
         let guided = Guided { interval: self.cfg_interval, ..Guided::new(&counter, self.cfg_scale) };
-        let x = sample(&guided, path.as_ref(), noise, class, &self.grid(steps), self.rule);
+        let x = match (&self.rule, &self.amed) {
+            (StepRule::Amed, Some(amed)) => amed_sample(&guided, amed.predictor(), noise, class, &self.grid(steps)),
+            (StepRule::Amed, None) => panic!("sampling.rule = \"amed\" without its predictor: call Sampler::attach_run first"),
+            _ => sample(&guided, path.as_ref(), noise, class, &self.grid(steps), self.rule),
+        };
         Generated { x, nfe: counter.nfe(batch.max(1)) }
+    }
+
+    /// Loads what this sampler needs from the run directory `run`: the AMED predictor of the
+    /// `amed` rule (from the newest checkpoint) and the `optimized_grid` file. Errors name the
+    /// file and the setting.
+    pub fn attach_run(&mut self, run: &Path, device: Device) -> Result<()> {
+        if self.rule == StepRule::Amed && self.amed.is_none() {
+            self.amed = Some(AmedWeights::load(run, device)?);
+        }
+        if let Some(named) = &mut self.optimized_grid {
+            let file = GridFile::read(run, &named.name, "sampling.optimized_grid")?;
+            ensure!(
+                file.rule == self.rule.name(),
+                "sampling.optimized_grid = {:?}: {} was optimised for rule {:?}, but this sampler uses {:?}; sample it with sampling.rule = {:?} or optimise a grid for this rule",
+                named.name,
+                crate::eval::optimized_grid::grid_file(run, &named.name).display(),
+                file.rule.name(),
+                self.rule.name().name(),
+                file.rule.name()
+            );
+            named.file = Some(file);
+        }
+        Ok(())
+    }
+
+    /// Checks that every step count in `steps` can be sampled: an optimised grid must have a
+    /// grid for each (the error lists the ones it has), and the amed rule needs its predictor.
+    pub fn check_steps(&self, steps: &[usize]) -> Result<()> {
+        if let Some(NamedGrid { name, file }) = &self.optimized_grid {
+            let file = file.as_ref().with_context(|| format!("sampling.optimized_grid = {name:?}: the grid file was not read (Sampler::attach_run)"))?;
+            let missing: Vec<usize> = steps.iter().copied().filter(|&s| file.times(s).is_none()).collect();
+            ensure!(missing.is_empty(), "sampling.optimized_grid = {name:?} has grids for steps {:?}, not for {missing:?}; run `flowmap optimize-grid` with those --steps", file.step_counts());
+        }
+        ensure!(self.rule != StepRule::Amed || self.amed.is_some(), "sampling.rule = \"amed\": the run's AMED predictor was not loaded (Sampler::attach_run)");
+        Ok(())
     }
 
     /// [`Self::generate_counted`] without the count.
@@ -229,6 +308,9 @@ impl fmt::Display for Sampler {
         }
         if let Some(g) = &self.time_grid {
             write!(f, ", grid {g:?} at {} steps ({} otherwise)", g.len() - 1, self.grid.name())?;
+        }
+        if let Some(g) = &self.optimized_grid {
+            write!(f, ", optimized grid {:?}", g.name)?;
         }
         Ok(())
     }

@@ -221,6 +221,28 @@ pub fn fid_vs_sampling_steps(runs: &[(String, Vec<FidRow>)], out_stem: &Path) ->
     line_chart(&chart, &series, out_stem)
 }
 
+/// FID against the **measured** number of network evaluations per sample (log₂ x axis), one
+/// line per run and setting: few-step solvers (Heun, AMED: 2 per step) and one-step models on
+/// one axis. Rows without a counted NFE (legacy files) are left out.
+pub fn fid_vs_nfe(runs: &[(String, Vec<FidRow>)], out_stem: &Path) -> Result<PlotFiles> {
+    let series: Vec<Series> = runs
+        .iter()
+        .flat_map(|(name, rows)| {
+            let counted: Vec<FidRow> = rows.iter().filter(|r| r.nfe.is_some()).cloned().collect();
+            let nfe_of: BTreeMap<usize, f64> = counted.iter().filter_map(|r| Some((r.steps, r.nfe?))).collect();
+            // The same grouping as the steps plot, then each point moved to its counted NFE.
+            fid_vs_sampling_steps_series(name, &counted).into_iter().map(move |s| Series { name: s.name, points: s.points.iter().filter_map(|&(st, f)| Some((*nfe_of.get(&(st as usize))?, f))).collect() })
+        })
+        .collect();
+    let sample = runs.iter().flat_map(|(_, r)| r.first()).next();
+    let y_label = match sample {
+        Some(r) => format!("FID ({} samples, {}, {})", r.num_samples, r.ref_stats, r.preprocess),
+        None => "FID".into(),
+    };
+    let chart = LineChart { title: "FID vs network evaluations per sample".into(), x_label: "NFE (counted)".into(), y_label, x_scale: XScale::Log2, markers: true };
+    line_chart(&chart, &series, out_stem)
+}
+
 /// [`fid_vs_sampling_steps`] for run directories: reads `<run>/fid.csv` and names each line by the
 /// directory.
 pub fn fid_vs_sampling_steps_from_runs(run_dirs: &[PathBuf], out_stem: &Path) -> Result<PlotFiles> {
@@ -232,6 +254,18 @@ pub fn fid_vs_sampling_steps_from_runs(run_dirs: &[PathBuf], out_stem: &Path) ->
         })
         .collect::<Result<Vec<_>>>()?;
     fid_vs_sampling_steps(&runs, out_stem)
+}
+
+/// [`fid_vs_nfe`] for run directories.
+pub fn fid_vs_nfe_from_runs(run_dirs: &[PathBuf], out_stem: &Path) -> Result<PlotFiles> {
+    let runs = run_dirs
+        .iter()
+        .map(|dir| {
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run").to_string();
+            Ok((name, read_fid_csv(&dir.join("fid.csv"))?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    fid_vs_nfe(&runs, out_stem)
 }
 
 /// FID against training step, one line per step count (and weights / CFG scale when they vary).

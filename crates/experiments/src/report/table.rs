@@ -1,6 +1,15 @@
 //! `flowmap table SPEC.toml`: one run per objective, trained (or reused), evaluated at the same
 //! step counts, summarised as a Markdown + CSV table and a FID-vs-steps plot. The machine behind
 //! the demo and, at paper scale, behind Table 1.
+//!
+//! Few-step samplers on the same axis as one-step models (issue 17): `[table] nfe = [...]`
+//! replaces `steps` with network-evaluation budgets; each row samples nfe / (its rule's NFE per
+//! step × 2 with guidance) steps where that divides (other cells stay empty), and the measured NFE
+//! of every evaluated cell must equal the budget. A row with `run = "<label>"` samples an earlier
+//! row's trained run with its own `[sampling]` (Heun, DPM-Solver++, UniPC on one flow-matching
+//! run) instead of training; its FID rows go to its own folder. `optimize_grid = "<name>"`
+//! searches `<run>/grids/<name>.toml` for the row's step counts when missing (`flowmap
+//! optimize-grid` with its defaults) and samples on it.
 use crate::eval::evaluator::{self, EvalConfig};
 use crate::eval::fid::{read_fid_csv, FidRow};
 use crate::eval::sampling::Weights;
@@ -31,8 +40,13 @@ pub struct TableHeader {
     pub name: String,
     /// runs go to out_dir/<row label slug>; table and plot to out_dir
     pub out_dir: PathBuf,
-    /// sampling step counts evaluated for every row
+    /// sampling step counts evaluated for every row (or give `nfe`)
+    #[serde(default)]
     pub steps: Vec<usize>,
+    /// network evaluations per sample evaluated for every row, instead of `steps`: columns are
+    /// NFE, each row samples the step count its rule spends them in
+    #[serde(default)]
+    pub nfe: Vec<usize>,
     /// --set overrides applied to every row (before the row's own)
     #[serde(default)]
     pub set: Vec<String>,
@@ -51,6 +65,20 @@ pub struct TableRow {
     /// this row's overrides
     #[serde(default)]
     pub set: Vec<String>,
+    /// the label of an earlier row whose trained run this row samples (with this row's
+    /// `[sampling]`) instead of training one
+    #[serde(default)]
+    pub run: Option<String>,
+    /// sample on the optimised grid `<run>/grids/<name>.toml`, searched for this row's rule and
+    /// step counts when the file is missing
+    #[serde(default)]
+    pub optimize_grid: Option<String>,
+    /// noise samples of that search (and as many held out); default 256
+    #[serde(default)]
+    pub grid_samples: Option<i64>,
+    /// uniform steps of its reference solution; default 128
+    #[serde(default)]
+    pub grid_reference_steps: Option<usize>,
 }
 
 /// What `run_table` produced.
@@ -73,11 +101,35 @@ fn slug(label: &str) -> String {
 pub fn read_spec(path: &Path) -> Result<TableSpec> {
     let (spec, _): (TableSpec, _) = crate::config::overrides::load(path, &[])?;
     ensure!(!spec.rows.is_empty(), "{}: no [[rows]]", path.display());
-    ensure!(!spec.table.steps.is_empty(), "{}: table.steps is empty", path.display());
-    for row in &spec.rows {
-        row_config(path, &spec, row).with_context(|| format!("{}", path.display()))?;
+    ensure!(spec.table.steps.is_empty() != spec.table.nfe.is_empty(), "{}: give exactly one of table.steps (step counts) and table.nfe (network evaluations per sample)", path.display());
+    ensure!(spec.table.steps.iter().chain(&spec.table.nfe).all(|&n| n >= 1), "{}: table.steps / table.nfe must be >= 1", path.display());
+    for (i, row) in spec.rows.iter().enumerate() {
+        let (cfg, _, _) = row_config(path, &spec, row).with_context(|| format!("{}", path.display()))?;
+        if let Some(source) = &row.run {
+            ensure!(spec.rows[..i].iter().any(|r| &r.label == source && r.run.is_none()), "{}: row {:?} has run = {source:?}, which is not the label of an earlier row that trains its own run", path.display(), row.label);
+        }
+        if let Some(name) = &row.optimize_grid {
+            crate::eval::optimized_grid::check_name(name, &format!("row {:?}: optimize_grid", row.label))?;
+        }
+        ensure!(!row_steps(&spec.table, &cfg).is_empty(), "{}: row {:?} samples none of table.nfe = {:?} (its rule costs {} evaluations per step)", path.display(), row.label, spec.table.nfe, nfe_per_step(&cfg));
     }
     Ok(spec)
+}
+
+/// Network evaluations per sample and step of a row's sampler (guidance doubles them).
+fn nfe_per_step(cfg: &crate::config::ExperimentConfig) -> usize {
+    let guided = if cfg.sampling.cfg_scale != 1.0 { 2 } else { 1 };
+    cfg.sampler().map(|s| s.rule.nfe_per_step()).unwrap_or(1) * guided
+}
+
+/// (column, step count) pairs a row evaluates: every `steps`, or each NFE budget its rule can
+/// spend in whole steps.
+fn row_steps(table: &TableHeader, cfg: &crate::config::ExperimentConfig) -> Vec<(usize, usize)> {
+    if table.nfe.is_empty() {
+        return table.steps.iter().map(|&s| (s, s)).collect();
+    }
+    let per = nfe_per_step(cfg);
+    table.nfe.iter().filter(|&&n| n % per == 0).map(|&n| (n, n / per)).collect()
 }
 
 /// A row's experiment file (resolved against the spec's folder), its overrides (the spec's, then
@@ -106,26 +158,62 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>, jobs: usize) -> Result
     let spec = read_spec(spec_path)?;
     let configs: Vec<_> = spec.rows.iter().map(|r| row_config(spec_path, &spec, r)).collect::<Result<_>>()?;
     std::fs::create_dir_all(&spec.table.out_dir).with_context(|| format!("creating {}", spec.table.out_dir.display()))?;
-    let trained_apart = if jobs > 1 {
-        let rows: Vec<RowJob> = spec.rows.iter().map(|r| row_job(spec_path, &spec, r)).collect();
-        Some(table_jobs::train_rows(&rows, jobs, &stop)?)
-    } else {
-        None
-    };
+    // --jobs: rows that train from scratch go to child processes first; rows that sample another
+    // row's run, or train from a teacher (perhaps a run of this table), stay in order below.
+    let mut trained_apart = vec![0.0; spec.rows.len()];
+    if jobs > 1 {
+        let apart: Vec<usize> = (0..spec.rows.len()).filter(|&i| spec.rows[i].run.is_none() && configs[i].0.teacher.is_none()).collect();
+        let rows: Vec<RowJob> = apart.iter().map(|&i| row_job(spec_path, &spec, &spec.rows[i])).collect();
+        for (&i, s) in apart.iter().zip(table_jobs::train_rows(&rows, jobs, &stop)?) {
+            trained_apart[i] = s;
+        }
+    }
     let mut results = Vec::new();
     let mut timings = Vec::new();
     for (i, (row, (cfg, table, dir))) in spec.rows.iter().zip(&configs).enumerate() {
-        tracing::info!("== {}: training {} ({} steps)", row.label, dir.display(), cfg.run.steps);
         let t0 = Instant::now();
-        let opts = TrainOptions { run_dir: Some(dir.clone()), resume: Resume::Auto, stop: Arc::clone(&stop), ..Default::default() };
-        let summary = train::train(cfg, table, &opts)?;
-        ensure!(summary.outcome == Outcome::Finished, "{}: stopped at step {} (checkpoint written); run the same `flowmap table` command again to continue", row.label, summary.step);
+        // The run whose weights this row samples: its own, or an earlier row's.
+        let weights_dir = match &row.run {
+            Some(source) => spec.table.out_dir.join(slug(source)),
+            None => dir.clone(),
+        };
+        let train_step = match &row.run {
+            Some(source) => {
+                tracing::info!("== {}: sampling the run of {source:?} ({})", row.label, weights_dir.display());
+                crate::run::checkpoint::CheckpointDir::new(RunDir::new(&weights_dir).checkpoints(), 1).latest()?.with_context(|| format!("row {:?}: {} has no complete checkpoint", row.label, weights_dir.display()))?.step
+            }
+            None => {
+                tracing::info!("== {}: training {} ({} steps)", row.label, dir.display(), cfg.run.steps);
+                let opts = TrainOptions { run_dir: Some(dir.clone()), resume: Resume::Auto, stop: Arc::clone(&stop), ..Default::default() };
+                let summary = train::train(cfg, table, &opts)?;
+                ensure!(summary.outcome == Outcome::Finished, "{}: stopped at step {} (checkpoint written); run the same `flowmap table` command again to continue", row.label, summary.step);
+                summary.step
+            }
+        };
+        let columns = row_steps(&spec.table, cfg);
+        let row_step_counts: Vec<usize> = columns.iter().map(|&(_, s)| s).collect();
+        let mut cfg = cfg.clone();
+        if let Some(name) = &row.optimize_grid {
+            cfg.sampling.optimized_grid = Some(name.clone());
+            let file = crate::eval::optimized_grid::grid_file(&weights_dir, name);
+            if !file.exists() {
+                tracing::info!("== {}: searching the grid {} for steps {row_step_counts:?}", row.label, file.display());
+                let mut search_cfg = cfg.clone();
+                search_cfg.sampling.optimized_grid = None;
+                let mut req = crate::eval::optimized_grid::GridSearchRequest { weights: spec.table.weights, ..crate::eval::optimized_grid::GridSearchRequest::new(name, row_step_counts.clone()) };
+                req.samples = row.grid_samples.unwrap_or(req.samples);
+                req.reference_steps = row.grid_reference_steps.unwrap_or(req.reference_steps);
+                crate::eval::optimized_grid::optimize_run_grid(&weights_dir, &search_cfg, &req, cfg.run.device.device()?).with_context(|| format!("row {:?}: optimize_grid = {name:?}", row.label))?;
+            }
+        }
+        let cfg = &cfg;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         // Rows trained in child processes report the child's wall time (concurrent with others).
-        let train_s = t0.elapsed().as_secs_f64() + trained_apart.as_ref().map_or(0.0, |s| s[i]);
+        let train_s = t0.elapsed().as_secs_f64() + trained_apart[i];
         let t1 = Instant::now();
         let have: Vec<FidRow> = if RunDir::new(dir).fid_csv().exists() { read_fid_csv(&RunDir::new(dir).fid_csv())? } else { vec![] };
         let matches = |r: &FidRow, s: usize| {
-            r.train_step == summary.step
+            r.train_step == train_step
                 && r.steps == s
                 && r.num_samples == spec.eval.num_samples
                 && r.weights == spec.table.weights.name()
@@ -134,14 +222,21 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>, jobs: usize) -> Result
                 && r.eval_seed < spec.eval.seeds
         };
         // A step count is missing unless every evaluation seed has its row.
-        let missing: Vec<usize> = spec.table.steps.iter().copied().filter(|&s| (0..spec.eval.seeds).any(|seed| !have.iter().any(|r| matches(r, s) && r.eval_seed == seed))).collect();
-        let mut rows: Vec<FidRow> = have.iter().filter(|r| spec.table.steps.iter().any(|&s| matches(r, s))).cloned().collect();
+        let missing: Vec<usize> = row_step_counts.iter().copied().filter(|&s| (0..spec.eval.seeds).any(|seed| !have.iter().any(|r| matches(r, s) && r.eval_seed == seed))).collect();
+        let mut rows: Vec<FidRow> = have.iter().filter(|r| row_step_counts.iter().any(|&s| matches(r, s))).cloned().collect();
         if !missing.is_empty() {
             tracing::info!("== {}: FID at steps {missing:?} ({} samples each)", row.label, spec.eval.num_samples);
-            rows.extend(evaluator::evaluate_run(dir, &cfg.eval_inputs()?, &spec.eval, spec.table.weights, &missing, cfg.run.device.device()?)?);
+            rows.extend(evaluator::evaluate_run_into(&weights_dir, dir, &cfg.eval_inputs()?, &spec.eval, spec.table.weights, &missing, cfg.run.device.device()?)?);
         }
         rows.sort_by_key(|r| (r.steps, r.eval_seed));
         rows.dedup_by_key(|r| (r.steps, r.eval_seed));
+        if !spec.table.nfe.is_empty() {
+            // The columns are budgets: each cell's counted NFE must be the one it stands for.
+            for r in &rows {
+                let planned = columns.iter().find(|&&(_, s)| s == r.steps).map(|&(n, _)| n as f64);
+                ensure!(r.nfe == planned, "row {:?}: {} steps counted {:?} network evaluations per sample, the table column is NFE {:?}", row.label, r.steps, r.nfe, planned);
+            }
+        }
         timings.push((train_s, t1.elapsed().as_secs_f64()));
         results.push((row.label.clone(), rows));
     }
@@ -157,7 +252,11 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>, jobs: usize) -> Result
     let csv_path = out.join("table.csv");
     crate::run::atomic_file::write_atomic(&csv_path, render_csv(&results).as_bytes())?;
     let plot = crate::report::plot::fid_vs_sampling_steps(&results, &out.join("fid_vs_steps"))?;
-    let loss_runs: Vec<(String, PathBuf)> = spec.rows.iter().zip(&configs).map(|(r, (_, _, dir))| (r.label.clone(), RunDir::new(dir).metrics())).collect();
+    let plot = match spec.table.nfe.is_empty() {
+        true => plot,
+        false => crate::report::plot::fid_vs_nfe(&results, &out.join("fid_vs_nfe"))?,
+    };
+    let loss_runs: Vec<(String, PathBuf)> = spec.rows.iter().zip(&configs).filter(|(r, _)| r.run.is_none()).map(|(r, (_, _, dir))| (r.label.clone(), RunDir::new(dir).metrics())).collect();
     crate::report::plot::loss_curves(&loss_runs, "loss", &out.join("loss"))?;
     Ok(TableReport { markdown, markdown_path, csv_path, plot_png: plot.png, rows: results })
 }
@@ -176,18 +275,23 @@ fn render_markdown(spec: &TableSpec, results: &[(String, Vec<FidRow>)], timings:
     if jobs > 1 {
         let _ = writeln!(s, "Rows were trained {jobs} at a time (`--jobs {jobs}`): `train s` is each row's wall time while sharing the machine.\n");
     }
+    let by_nfe = !spec.table.nfe.is_empty();
+    let columns = if by_nfe { &spec.table.nfe } else { &spec.table.steps };
     let _ = write!(s, "| objective |");
-    for st in &spec.table.steps {
-        let _ = write!(s, " {st} step{} |", if *st == 1 { "" } else { "s" });
+    for st in columns {
+        let _ = match by_nfe {
+            true => write!(s, " NFE {st} |"),
+            false => write!(s, " {st} step{} |", if *st == 1 { "" } else { "s" }),
+        };
     }
     let _ = writeln!(s, " train s | eval s |");
-    let _ = writeln!(s, "|---|{}---|---|", "---|".repeat(spec.table.steps.len()));
+    let _ = writeln!(s, "|---|{}---|---|", "---|".repeat(columns.len()));
     for ((label, rows), (ts, es)) in results.iter().zip(timings) {
         // The measured NFE beside the label when it is not one evaluation per step (Heun, CFG).
         let note = crate::report::plot::nfe_note(&rows.iter().map(|r| (r.steps, r.nfe)).collect::<Vec<_>>()).map(|n| format!(" ({n})")).unwrap_or_default();
         let _ = write!(s, "| {label}{note} |");
-        for st in &spec.table.steps {
-            let cell: Vec<&FidRow> = rows.iter().filter(|r| r.steps == *st).collect();
+        for st in columns {
+            let cell: Vec<&FidRow> = rows.iter().filter(|r| if by_nfe { r.nfe == Some(*st as f64) } else { r.steps == *st }).collect();
             let fid = mean_std(&cell.iter().map(|r| r.fid).collect::<Vec<_>>());
             let kid = mean_std(&cell.iter().filter_map(|r| r.kid.map(|k| k * 1e3)).collect::<Vec<_>>());
             let _ = write!(s, " {} |", fid.map(|f| format!("{}{}", show(f), kid.map(|k| format!(" ({})", show(k))).unwrap_or_default())).unwrap_or_else(|| "–".into()));
@@ -249,6 +353,17 @@ pub fn plot_runs(runs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
     if !with_fid.is_empty() {
         let p = crate::report::plot::fid_vs_sampling_steps_from_runs(&with_fid, &out.join("fid_vs_steps"))?;
         files.extend([p.png, p.svg]);
+        // The same runs on the axis of counted network evaluations (rows that recorded them).
+        let mut counted = Vec::new();
+        for r in &with_fid {
+            if read_fid_csv(&RunDir::new(r).fid_csv())?.iter().any(|x| x.nfe.is_some()) {
+                counted.push(r.clone());
+            }
+        }
+        if !counted.is_empty() {
+            let p = crate::report::plot::fid_vs_nfe_from_runs(&counted, &out.join("fid_vs_nfe"))?;
+            files.extend([p.png, p.svg]);
+        }
     }
     // Runs evaluated while training (`eval.every`): FID against the training step, one line per step count.
     for r in &with_fid {

@@ -185,6 +185,10 @@ impl Trainer {
             }
         }
 
+        if !objective.trains_model() {
+            // AMED: the model is the frozen teacher; only the objective's parameters train.
+            online.vs.freeze();
+        }
         let run = RunDir::new(opts.run_dir.clone().unwrap_or_else(|| cfg.default_run_dir()));
         let ckdir = CheckpointDir::new(run.checkpoints(), cfg.run.keep_checkpoints);
         let (lock, resume_from) = open_run_dir(world, &run, &ckdir, cfg, table, opts)?;
@@ -287,6 +291,17 @@ impl Trainer {
     /// The run directory.
     pub fn run_dir(&self) -> &Path {
         &self.run.root
+    }
+
+    /// `sampler` as this run samples now: the `amed` rule gets a copy of the predictor's current
+    /// parameters (an optimised grid is not read while training: its file is made afterwards).
+    fn live_sampler(&self, sampler: &Sampler) -> Result<Sampler> {
+        let mut s = sampler.clone();
+        if s.rule == flowmap_core::StepRule::Amed {
+            let params = self.objective_params().into_iter().collect();
+            s.amed = Some(crate::eval::amed_weights::AmedWeights::from_named(&params, self.device, "the run's AMED predictor")?);
+        }
+        Ok(s)
     }
 
     /// The objective's own parameters, by name (empty for most objectives).
@@ -445,7 +460,7 @@ impl Trainer {
         let null_class = self.online.net.null_class();
         let (grid_noise, grid_class) = fixed_inputs(cfg.run.seed, cfg.sampling.grid_images, &cfg.model.sample_shape(), cfg.data.num_classes(), null_class, self.device);
         let sampler = cfg.sampler()?;
-        let eval_inputs = cfg.eval_inputs()?;
+        let mut eval_inputs = cfg.eval_inputs()?;
         let mut progress = main.then(|| Progress::new(self.state.step, total, &cfg.run.name));
         let mut evaluator: Option<Evaluator> = None;
         let mut last_log = (Instant::now(), self.state.step);
@@ -478,7 +493,7 @@ impl Trainer {
             }
 
             if let (true, Some((_, tb))) = (grids.due(step, total), writers.as_mut()) {
-                write_grids(&sampler, &cfg.sampling.steps, self.sampling_net(), &grid_noise, &grid_class, &self.run, step, tb, grid_vae.as_ref())?;
+                write_grids(&self.live_sampler(&sampler)?, &cfg.sampling.steps, self.sampling_net(), &grid_noise, &grid_class, &self.run, step, tb, grid_vae.as_ref())?;
                 if let Some(p) = progress.as_mut() {
                     p.pause_done();
                 }
@@ -498,6 +513,7 @@ impl Trainer {
                     None => evaluator.insert(Evaluator::new(&eval_inputs, ev, self.world, self.device)?),
                 };
                 let steps = ev.steps.clone().unwrap_or_else(|| cfg.sampling.steps.clone());
+                eval_inputs.sampler = self.live_sampler(&sampler)?;
                 let rows = evaluator.evaluate(&eval_inputs, self.sampling_net(), cfg.sampling.weights, step, &steps, &self.run.root, self.device)?;
                 if let Some((_, tb)) = writers.as_mut() {
                     for r in rows {
