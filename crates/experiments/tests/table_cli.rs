@@ -56,6 +56,17 @@ set = ["objective.kind=mean_flow", "sampling.rule=jump"]
     let before = std::fs::read_to_string(out.join("flow-matching/fid.csv")).unwrap();
     flowmap(&["table", spec.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(out.join("flow-matching/fid.csv")).unwrap(), before);
+    // Another table over the same runs (`runs_dir`): the same row reuses run and FID rows, a row
+    // sampling it with Heun adds its own folder there, and table and plots go to its out_dir.
+    let other = dir.path().join("other");
+    let spec2 = dir.path().join("spec2.toml");
+    let text = std::fs::read_to_string(&spec).unwrap().replace(&format!("out_dir = \"{}\"", out.display()), &format!("out_dir = \"{}\"\nruns_dir = \"{}\"", other.display(), out.display()));
+    let text = text.split("[[rows]]\nlabel = \"MeanFlow\"").next().unwrap().to_string() + &format!("[[rows]]\nlabel = \"Flow matching (Heun)\"\nconfig = \"{}\"\nrun = \"Flow matching\"\nset = [\"sampling.rule=heun\"]\n", tiny.display());
+    std::fs::write(&spec2, text).unwrap();
+    let stdout = flowmap(&["table", spec2.to_str().unwrap()]);
+    assert!(stdout.contains("| Flow matching |") && stdout.contains("| Flow matching (Heun)"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(out.join("flow-matching/fid.csv")).unwrap(), before);
+    assert!(out.join("flow-matching-heun/fid.csv").exists() && other.join("table.md").exists() && !other.join("flow-matching").exists());
 
     let run = out.join("meanflow");
     let run = run.to_str().unwrap();

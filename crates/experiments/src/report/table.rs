@@ -24,6 +24,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
+impl TableHeader {
+    /// The folder of the rows' runs: `runs_dir`, else `out_dir`.
+    pub fn runs_dir(&self) -> &Path {
+        self.runs_dir.as_deref().unwrap_or(&self.out_dir)
+    }
+}
+
 /// The spec file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,8 +45,12 @@ pub struct TableSpec {
 pub struct TableHeader {
     /// title of the table
     pub name: String,
-    /// runs go to out_dir/<row label slug>; table and plot to out_dir
+    /// table and plots go to out_dir, and runs to out_dir/<row label slug> unless `runs_dir` is set
     pub out_dir: PathBuf,
+    /// where the rows' runs live instead of out_dir (e.g. another table's out_dir, to sample its
+    /// finished runs: a row with the same label, config and overrides reuses the run and its FID rows)
+    #[serde(default)]
+    pub runs_dir: Option<PathBuf>,
     /// sampling step counts evaluated for every row (or give `nfe`)
     #[serde(default)]
     pub steps: Vec<usize>,
@@ -140,7 +151,7 @@ fn row_job(spec_path: &Path, spec: &TableSpec, row: &TableRow) -> RowJob {
     let mut sets = spec.table.set.clone();
     sets.extend(row.set.iter().cloned());
     let name = slug(&row.label);
-    RowJob { label: row.label.clone(), config, sets, run_dir: spec.table.out_dir.join(&name), log: spec.table.out_dir.join("logs").join(format!("{name}.log")) }
+    RowJob { label: row.label.clone(), config, sets, run_dir: spec.table.runs_dir().join(&name), log: spec.table.out_dir.join("logs").join(format!("{name}.log")) }
 }
 
 fn row_config(spec_path: &Path, spec: &TableSpec, row: &TableRow) -> Result<(crate::config::ExperimentConfig, toml::Table, PathBuf)> {
@@ -174,7 +185,7 @@ pub fn run_table(spec_path: &Path, stop: Arc<AtomicBool>, jobs: usize) -> Result
         let t0 = Instant::now();
         // The run whose weights this row samples: its own, or an earlier row's.
         let weights_dir = match &row.run {
-            Some(source) => spec.table.out_dir.join(slug(source)),
+            Some(source) => spec.table.runs_dir().join(slug(source)),
             None => dir.clone(),
         };
         let train_step = match &row.run {
