@@ -51,6 +51,7 @@
 use crate::jvp::fp32_scope;
 use crate::jvp::{validate_fd_step, JvpMode};
 use crate::label_dropout::{null_classes, DropRows, LabelDropout};
+use crate::mean_flow::FlowMapDraw;
 use crate::weighting::{sum_per_sample, AdaptiveWeighting};
 use crate::{Batch, DefaultSampler, Loss, Nets, Objective};
 use flowmap_core::time::MeanFlowPairsConfig;
@@ -201,13 +202,8 @@ impl Objective for ImprovedMeanFlow {
     fn loss(&self, nets: Nets<'_>, batch: &Batch, _step: u64) -> Loss {
         let net = nets.online;
         let x = &batch.x;
-        let (b, device, kind) = (x.size()[0], x.device(), x.kind());
-        let pair = self.pairs.sample(b, device);
-        let (t, r) = (pair.t.to_kind(kind), pair.r.to_kind(kind));
-        let h = &t - &r;
-        let eps = x.randn_like();
-        let x_t = self.path.interpolate(x, &eps, &t);
-        let v = self.path.velocity(x, &eps, &t);
+        let FlowMapDraw { t, h, x_t, v } = FlowMapDraw::new(self.path.as_ref(), self.pairs.as_ref(), x);
+        let (b, device) = (x.size()[0], x.device());
         let zeros = t.zeros_like();
 
         // Scale, interval, v_g and the tangent v̂_c (no_grad: extra forwards at h = 0).

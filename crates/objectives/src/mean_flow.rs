@@ -153,6 +153,29 @@ impl MeanFlow {
     }
 }
 
+/// What the flow-map objectives (MeanFlow, improved MeanFlow, SplitMeanFlow) draw first, in the
+/// official code's order: times (t, r) from the pair sampler, then ε; t, h = t − r, x_t on the
+/// path and the conditional velocity v.
+pub(crate) struct FlowMapDraw {
+    pub t: Tensor,
+    pub h: Tensor,
+    pub x_t: Tensor,
+    pub v: Tensor,
+}
+
+impl FlowMapDraw {
+    pub fn new(path: &dyn Interpolant, pairs: &dyn PairSampler, x: &Tensor) -> Self {
+        let kind = x.kind();
+        let pair = pairs.sample(x.size()[0], x.device());
+        let (t, r) = (pair.t.to_kind(kind), pair.r.to_kind(kind));
+        let h = &t - &r;
+        let eps = x.randn_like();
+        let x_t = path.interpolate(x, &eps, &t);
+        let v = path.velocity(x, &eps, &t);
+        Self { t, h, x_t, v }
+    }
+}
+
 impl Objective for MeanFlow {
     fn reported_metric(&self) -> Option<&'static str> {
         Some("mf_loss_unweighted")
@@ -160,13 +183,8 @@ impl Objective for MeanFlow {
     fn loss(&self, nets: Nets<'_>, batch: &Batch, _step: u64) -> Loss {
         let net = nets.online;
         let x = &batch.x;
-        let (b, device, kind) = (x.size()[0], x.device(), x.kind());
-        let pair = self.pairs.sample(b, device);
-        let (t, r) = (pair.t.to_kind(kind), pair.r.to_kind(kind));
-        let h = &t - &r;
-        let eps = x.randn_like();
-        let x_t = self.path.interpolate(x, &eps, &t);
-        let v = self.path.velocity(x, &eps, &t);
+        let FlowMapDraw { t, h, x_t, v } = FlowMapDraw::new(self.path.as_ref(), self.pairs.as_ref(), x);
+        let device = x.device();
 
         // Guidance uses the true labels; dropped rows then get ∅ and the unguided v (`cond_drop`).
         let v_g = self.guided_velocity(net, &x_t, &t, &v, &batch.class);

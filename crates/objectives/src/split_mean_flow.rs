@@ -33,6 +33,7 @@
 //! (`times`); a plain mean of per-sample sums (`weighting`). The paper's results are on speech
 //! synthesis; no image-generation settings were found.
 use crate::label_dropout::{DropRows, LabelDropout};
+use crate::mean_flow::FlowMapDraw;
 use crate::weighting::{sum_per_sample, AdaptiveWeighting};
 use crate::{Batch, DefaultSampler, Loss, Nets, Objective, TargetNet};
 use flowmap_core::time::MeanFlowPairsConfig;
@@ -104,13 +105,8 @@ impl Objective for SplitMeanFlow {
     fn loss(&self, nets: Nets<'_>, batch: &Batch, _step: u64) -> Loss {
         let net = nets.online;
         let x = &batch.x;
-        let (b, device, kind) = (x.size()[0], x.device(), x.kind());
-        let pair = self.pairs.sample(b, device);
-        let (t, r) = (pair.t.to_kind(kind), pair.r.to_kind(kind));
-        let h = &t - &r;
-        let eps = x.randn_like();
-        let x_t = self.path.interpolate(x, &eps, &t);
-        let v = self.path.velocity(x, &eps, &t);
+        let FlowMapDraw { t, h, x_t, v } = FlowMapDraw::new(self.path.as_ref(), self.pairs.as_ref(), x);
+        let kind = x.kind();
         let (class, _) = self.dropout.apply(&batch.class, net.null_class());
         let lambda = t.rand_like();
 
