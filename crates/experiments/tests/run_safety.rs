@@ -79,7 +79,9 @@ fn resume_auto_refuses_a_run_whose_checkpoints_are_all_broken_and_changes_nothin
 fn a_second_train_on_a_locked_run_is_refused_naming_the_holder_and_the_first_finishes_intact() {
     let dir = tempfile::tempdir().unwrap();
     let (runp, cache) = (dir.path().join("run"), dir.path().join("cache"));
-    let mut first = train_cmd(&runp, &cache, &["run.steps=400", "run.checkpoint_every=50", "run.log_every=10"], &[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // The first run is long enough to be still training when the second starts (400 tiny steps can
+    // finish within the second's start-up on a quiet machine); it is stopped with SIGTERM below.
+    let mut first = train_cmd(&runp, &cache, &["run.steps=1000000", "run.checkpoint_every=50", "run.log_every=10"], &[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     // Wait until the first process holds the lock (its pid is in LOCK).
     let lock = runp.join("LOCK");
     let t0 = Instant::now();
@@ -87,25 +89,30 @@ fn a_second_train_on_a_locked_run_is_refused_naming_the_holder_and_the_first_fin
         assert!(t0.elapsed() < Duration::from_secs(120), "the first process never took the lock");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let o = run(train_cmd(&runp, &cache, &["run.steps=400", "run.checkpoint_every=50", "run.log_every=10"], &[]));
-    let still_running = first.try_wait().unwrap().is_none();
+    let o = run(train_cmd(&runp, &cache, &["run.steps=1000000", "run.checkpoint_every=50", "run.log_every=10"], &[]));
+    assert!(first.try_wait().unwrap().is_none(), "the first process ended before the second was refused");
     assert!(!o.status.success(), "the second process trained on a locked run");
     assert!(stderr(&o).contains("is in use by pid") && stderr(&o).contains(&first.id().to_string()), "{}", stderr(&o));
+    // SIGTERM: the first writes a checkpoint at its next step and exits 0.
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(first.id() as libc::pid_t, libc::SIGTERM) };
     let status = first.wait().unwrap();
     assert!(status.success(), "the first process failed");
-    assert!(still_running || status.success());
     let ck = CheckpointDir::new(runp.join("checkpoints"), 2);
     let steps: Vec<u64> = ck.candidates().iter().map(|c| c.step).collect();
-    assert_eq!(steps, vec![350, 400]);
+    assert_eq!(steps.len(), 2, "{steps:?}");
     for c in ck.candidates() {
         verify(&c.dir).unwrap();
     }
-    // Nothing but the two final checkpoints and LATEST is left in checkpoints/.
+    // Nothing but the two last checkpoints and LATEST is left in checkpoints/.
     let mut names: Vec<String> = std::fs::read_dir(runp.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
-    assert_eq!(names, ["LATEST", "step_00000350", "step_00000400"]);
+    let mut want: Vec<String> = steps.iter().map(|s| format!("step_{s:08}")).collect();
+    want.insert(0, "LATEST".into());
+    want.sort();
+    assert_eq!(names, want);
     // The lock is released with the process: training on is allowed again.
-    ok(train_cmd(&runp, &cache, &["run.steps=400", "run.checkpoint_every=50", "run.log_every=10"], &[]));
+    ok(train_cmd(&runp, &cache, &["run.steps=1000000", "run.checkpoint_every=50", "run.log_every=10"], &["--max-steps", "5"]));
 }
 
 #[test]
