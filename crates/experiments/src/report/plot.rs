@@ -243,29 +243,26 @@ pub fn fid_vs_nfe(runs: &[(String, Vec<FidRow>)], out_stem: &Path) -> Result<Plo
     line_chart(&chart, &series, out_stem)
 }
 
-/// [`fid_vs_sampling_steps`] for run directories: reads `<run>/fid.csv` and names each line by the
-/// directory.
-pub fn fid_vs_sampling_steps_from_runs(run_dirs: &[PathBuf], out_stem: &Path) -> Result<PlotFiles> {
-    let runs = run_dirs
+/// Each run directory's `fid.csv`, named by the directory.
+fn read_runs(run_dirs: &[PathBuf]) -> Result<Vec<(String, Vec<FidRow>)>> {
+    run_dirs
         .iter()
         .map(|dir| {
             let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run").to_string();
             Ok((name, read_fid_csv(&dir.join("fid.csv"))?))
         })
-        .collect::<Result<Vec<_>>>()?;
-    fid_vs_sampling_steps(&runs, out_stem)
+        .collect()
+}
+
+/// [`fid_vs_sampling_steps`] for run directories: reads `<run>/fid.csv` and names each line by the
+/// directory.
+pub fn fid_vs_sampling_steps_from_runs(run_dirs: &[PathBuf], out_stem: &Path) -> Result<PlotFiles> {
+    fid_vs_sampling_steps(&read_runs(run_dirs)?, out_stem)
 }
 
 /// [`fid_vs_nfe`] for run directories.
 pub fn fid_vs_nfe_from_runs(run_dirs: &[PathBuf], out_stem: &Path) -> Result<PlotFiles> {
-    let runs = run_dirs
-        .iter()
-        .map(|dir| {
-            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run").to_string();
-            Ok((name, read_fid_csv(&dir.join("fid.csv"))?))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    fid_vs_nfe(&runs, out_stem)
+    fid_vs_nfe(&read_runs(run_dirs)?, out_stem)
 }
 
 /// FID against training step, one line per step count (and weights / CFG scale when they vary).
